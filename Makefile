@@ -1,0 +1,31 @@
+# Two entry points: `make demo` (synthetic videos -> shards -> train -> evaluate) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: on our machines these two come from local disk.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+DEMO_DIR := demo
+demo: $(STAMP)
+	$(PY) tools/make_synthetic.py $(DEMO_DIR)/videos
+	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/train.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split train
+	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/val.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split val
+	$(PY) launch.py --cfg configs/demo.yaml
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/runs"
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)

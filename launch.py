@@ -1,0 +1,168 @@
+"""Train or test TDS-CLIP.
+
+    torchrun --nproc_per_node=8 launch.py --cfg configs/sthv2/vitb16.yaml [key.sub=value ...]
+    python launch.py --cfg configs/demo.yaml --resume
+    python launch.py --cfg configs/k400/vitb16.yaml --test --weights best.pt --test-crops 3 --test-clips 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import pipelines
+from tdsclip.checkpoint import Checkpointer
+from tdsclip.config import ConfigError, RunConfig, config_to_dict, load_config, save_config
+from tdsclip.distributed import World, close_distributed, init_distributed
+from tdsclip.metrics import MetricsLogger, device_peak_tflops, train_flops_per_clip
+from tdsclip.optim import WarmupCosineSchedule, build_optimizer
+from tdsclip.train import Trainer, build_mixup, derive_batch, evaluate, write_results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="YAML run config (configs/...)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt")
+    parser.add_argument("--test", action="store_true", help="evaluate --weights multi-view, no training")
+    parser.add_argument("--weights", help="checkpoint to test (this project's or an official TDS-CLIP one)")
+    parser.add_argument("--test-crops", type=int, choices=(1, 3, 5, 10), help="spatial crops per clip")
+    parser.add_argument("--test-clips", type=int, help="temporal clips per video")
+    args = parser.parse_args(argv)
+    if args.test and not args.weights:
+        parser.error("--test needs --weights PATH")
+    return args
+
+
+def loader_options(config: RunConfig, world: World, image_size: int) -> dict:
+    data = config.data
+    return dict(rank=world.rank, world_size=world.world_size, seed=config.seed, image_size=image_size,
+                resize=tuple(data.resize) if isinstance(data.resize, list) else data.resize,
+                num_threads=data.num_threads, on_error=data.on_error)
+
+
+def build_model(config: RunConfig, log: MetricsLogger) -> torch.nn.Module:
+    import tdsclip
+    from tdsclip.model import ModelConfig
+
+    model = tdsclip.build_model(ModelConfig(**config.model.model_kwargs()))
+    if config.model.clip_weights:
+        tdsclip.load_clip_weights(model, config.model.clip_weights)
+        log.info(f"CLIP weights: {config.model.clip_weights}")
+    else:
+        log.info("CLIP weights: none (model.clip_weights is null) -- the frozen backbone keeps random weights")
+    return model
+
+
+def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Trainer:
+    """Model, data, optimizer, schedule and checkpointer from the config, wired into a Trainer."""
+    model = build_model(config, log).to(world.device)
+    precision = config.precision if config.precision != "auto" else ("bf16" if world.device.type == "cuda" else "fp32")
+    use_compile = config.compile if config.compile is not None else world.device.type == "cuda"
+    per_device, accum = derive_batch(config.data.global_batch_size, world.world_size, config.data.max_device_batch_size)
+    log.info(f"batch: {config.data.global_batch_size} videos per step = {world.world_size} processes x "
+             f"{per_device} per device x {accum} accumulation steps (x{config.data.num_sample} views each); "
+             f"{precision}, torch.compile {'on' if use_compile else 'off'}, device {world.device}")
+    data, mcfg = config.data, model.config
+    options = loader_options(config, world, mcfg.image_size)
+    train_loader = pipelines.loader(data.shards, data.train_split, per_device, mcfg.num_segments, **options,
+                                    num_sample=data.num_sample, flip=data.flip, flip_label_map=data.flip_label_map,
+                                    grayscale_prob=data.grayscale_prob, randaugment=data.randaugment)
+    val_loader = pipelines.loader(data.shards, data.val_split, data.eval_batch_size, mcfg.num_segments, **options)
+    train_model = model
+    if world.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+    if use_compile:
+        train_model = torch.compile(train_model)
+    optim, schedule = config.optim, config.schedule
+    optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
+                                eps=optim.eps, clip_ratio=optim.clip_ratio, bn_lr_ratio=optim.bn_lr_ratio)
+    mixup = build_mixup(num_classes=mcfg.num_classes, mixup_alpha=optim.mixup_alpha, cutmix_alpha=optim.cutmix_alpha,
+                        switch_prob=optim.mixup_switch_prob, label_smoothing=optim.label_smoothing) if optim.mixup else None
+    peak = config.logging.peak_tflops or device_peak_tflops(world.device)
+    clip_shape = (mcfg.num_segments, mcfg.frames_per_segment, 3, mcfg.image_size, mcfg.image_size)
+    return Trainer(
+        model=model, train_model=train_model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
+        schedule=WarmupCosineSchedule(optimizer, epochs=schedule.epochs, warmup_epochs=schedule.warmup_epochs,
+                                      final_factor=schedule.final_factor),
+        checkpointer=Checkpointer(config.output_dir, rank=world.rank), metrics=log, world=world,
+        epochs=schedule.epochs, accum_steps=accum, precision=precision, label_smoothing=optim.label_smoothing,
+        mixup=mixup, grad_clip=optim.grad_clip, log_every=config.logging.log_every,
+        checkpoint_every=config.checkpoint.every_steps, eval_every=config.eval.every_epochs,
+        skip_epochs=config.eval.skip_epochs, save_best=config.checkpoint.save_best, config=config_to_dict(config),
+        flops_per_clip=train_flops_per_clip(model, clip_shape, world.device) if peak else None, peak_tflops=peak,
+    )
+
+
+def train(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
+    trainer = build_trainer(config, world, log)
+    checkpointer = trainer.checkpointer
+    checkpoint = checkpointer.load_last() if args.resume else None
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        log.info(f"resuming from {checkpointer.last_path} (epoch {checkpoint['epoch'] + 1}, "
+                 f"step {checkpoint['step']}, batch {checkpoint['batch_in_epoch']})")
+    elif args.resume:
+        log.info(f"--resume: no checkpoint in {config.output_dir}, starting from scratch")
+    elif checkpointer.last_path.exists():
+        raise SystemExit(f"{checkpointer.last_path} exists: pass --resume to continue that run, "
+                         "or set output_dir=... to start a new one")
+    if world.is_main:
+        save_config(config, Path(config.output_dir) / "config.yaml")
+    trainer.fit()
+    log.info(f"done: best val top-1 {trainer.state.best_top1:.2f}% (epoch {trainer.state.best_epoch + 1}); "
+             f"checkpoints in {config.output_dir}")
+    log.info(f"TensorBoard: tensorboard --logdir {config.output_dir}")
+
+
+def test(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
+    import tdsclip
+
+    model = tdsclip.load_model(args.weights, num_segments=config.model.num_segments).to(world.device)
+    crops = args.test_crops or config.eval.test_crops
+    clips = args.test_clips or config.eval.test_clips
+    precision = config.precision if config.precision != "auto" else ("bf16" if world.device.type == "cuda" else "fp32")
+    loader = pipelines.loader(config.data.shards, "test", config.data.eval_batch_size, model.config.num_segments,
+                              **loader_options(config, world, model.config.image_size),
+                              test_crops=crops, test_clips=clips)
+    result = evaluate(model, loader, views=crops * clips, num_classes=model.config.num_classes,
+                      device=world.device, precision=precision, keep_predictions=True)
+    result.update(weights=str(args.weights), test_crops=crops, test_clips=clips)
+    path = Path(config.output_dir) / "test_results.json"
+    if world.is_main:
+        save_config(config, Path(config.output_dir) / "test_config.yaml")
+        write_results(result, path)
+    log.log(0, {"test/top1": result["top1"], "test/top5": result["top5"],
+                "test/mean_class_acc": result["mean_class_acc"]})
+    log.info(f"test ({crops} crops x {clips} clips, {result['num_videos']} videos): top-1 {result['top1']:.2f}%  "
+             f"top-5 {result['top5']:.2f}%  mean class {result['mean_class_acc']:.2f}%  -> {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.cfg, args.overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    world = init_distributed()
+    seed = config.seed + world.rank
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    log = MetricsLogger(config.output_dir, rank=world.rank, tensorboard=config.logging.tensorboard,
+                        progress=config.logging.progress)
+    try:
+        (test if args.test else train)(config, args, world, log)
+    finally:
+        log.close()
+        close_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

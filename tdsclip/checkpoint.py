@@ -1,0 +1,101 @@
+"""Training checkpoints: atomic last.pt / best.pt holding everything an exact resume needs.
+
+A checkpoint is one torch.save'd dict in this project's format (tdsclip.load_model reads its
+model part): {"format": "tdsclip", "version": 1, "model_config", "model"} plus the trainer's
+"optimizer", "schedule", "epoch", "step", "batch_in_epoch", "best_top1", "rng" and "data"
+(per rank) and the resolved "config". Files are written to a temporary name in the same
+directory and renamed, so a crash mid-write never leaves a truncated last.pt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "tdsclip"
+VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to `path` via a temporary file and a rename (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rng_state() -> dict:
+    """Every random generator the training step touches, for an exact resume."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def model_checkpoint(model: torch.nn.Module) -> dict:
+    """The model part of a checkpoint (what tdsclip.load_model needs)."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": dataclasses.asdict(model.config),
+        "model": model.state_dict(),
+    }
+
+
+class Checkpointer:
+    """Writes last.pt / best.pt into `directory` (rank 0 only) and finds what to resume from."""
+
+    def __init__(self, directory: str | Path, *, rank: int = 0):
+        self.directory = Path(directory)
+        self.rank = rank
+
+    @property
+    def last_path(self) -> Path:
+        return self.directory / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / "best.pt"
+
+    def save(self, checkpoint: dict, *, best: bool = False) -> None:
+        """Write last.pt (and best.pt when `best`). Call on every rank; only rank 0 writes."""
+        if self.rank != 0:
+            return
+        atomic_save(checkpoint, self.last_path)
+        if best:
+            atomic_save(checkpoint, self.best_path)
+
+    def load_last(self) -> dict | None:
+        """The last checkpoint, or None when the directory has none."""
+        if not self.last_path.is_file():
+            return None
+        checkpoint = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        if checkpoint.get("format") != FORMAT or "optimizer" not in checkpoint:
+            raise ValueError(f"{self.last_path} is not a resumable tdsclip training checkpoint "
+                             "(no format/optimizer keys); move it away or pick another output_dir")
+        return checkpoint

@@ -1,0 +1,243 @@
+"""The trainer with stand-ins (a tiny module, a list-like fake loader): exact resume, the
+non-finite loss guard, atomic checkpoints, multi-view evaluation, optimizer groups, schedule,
+TensorBoard scalars."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from tdsclip.checkpoint import Checkpointer, atomic_save
+from tdsclip.distributed import World
+from tdsclip.metrics import MetricsLogger
+from tdsclip.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
+from tdsclip.train import NonFiniteLossError, Trainer, build_mixup, derive_batch, evaluate
+
+CLIP_SHAPE = (2, 1, 3, 4, 4)  # (T, M, 3, H, W)
+NUM_CLASSES = 3
+
+
+@dataclass
+class TinyConfig:
+    num_classes: int = NUM_CLASSES
+
+
+class TinyModel(nn.Module):
+    """Frozen 'backbone', a side layer with BatchNorm and dropout (uses the RNG), a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = TinyConfig()
+        self.backbone = nn.Linear(96, 16)
+        self.backbone.requires_grad_(False)
+        self.side = nn.Linear(16, 16)
+        self.side_bn = nn.BatchNorm1d(16)
+        self.dropout = nn.Dropout(0.2)
+        self.head = nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, clips):
+        x = self.backbone(clips.flatten(1))  # (B, 96) -> (B, 16)
+        return self.head(self.dropout(torch.relu(self.side_bn(self.side(x)))))
+
+
+class FakeLoader:
+    """Deterministic batches per (seed, epoch, position); resumable like pipelines' Loader."""
+
+    def __init__(self, num_batches=5, batch_size=4, seed=0, views=1, crash_at=None, nan_from_epoch=None):
+        self.num_batches, self.batch_size, self.seed, self.views = num_batches, batch_size, seed, views
+        self.epoch, self.position = 0, 0
+        self.crash_at, self.nan_from_epoch = crash_at, nan_from_epoch
+
+    def __len__(self):
+        return self.num_batches
+
+    def set_epoch(self, epoch):
+        self.epoch, self.position = epoch, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def __iter__(self):
+        while self.position < self.num_batches:
+            if self.crash_at == (self.epoch, self.position):
+                raise KeyboardInterrupt("simulated crash")
+            g = torch.Generator().manual_seed(self.seed * 10_000 + self.epoch * 100 + self.position)
+            labels = torch.randint(NUM_CLASSES, (self.batch_size,), generator=g)
+            clips = torch.randn(self.batch_size, *CLIP_SHAPE, generator=g) + labels.view(-1, 1, 1, 1, 1, 1)
+            if self.nan_from_epoch is not None and self.epoch >= self.nan_from_epoch:
+                clips = clips * float("nan")
+            self.position += 1
+            yield {"clips": clips.repeat_interleave(self.views, 0), "label": labels.repeat_interleave(self.views, 0),
+                   "key": [f"v{self.epoch}_{self.position}_{i}" for i in range(self.batch_size)]}
+
+
+def make_trainer(tmp_path, *, epochs=2, accum=2, checkpoint_every=0, loader=None, seed=0, tensorboard=False):
+    torch.manual_seed(seed)
+    model = TinyModel()
+    optimizer = build_optimizer(model, lr=0.05, weight_decay=0.15)
+    return Trainer(
+        model=model, train_model=model, optimizer=optimizer,
+        schedule=WarmupCosineSchedule(optimizer, epochs=epochs, warmup_epochs=0.5),
+        train_loader=loader or FakeLoader(), val_loader=FakeLoader(num_batches=2, seed=99),
+        checkpointer=Checkpointer(tmp_path, rank=0),
+        metrics=MetricsLogger(tmp_path, tensorboard=tensorboard, progress="plain"),
+        world=World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
+        epochs=epochs, accum_steps=accum, label_smoothing=0.1, log_every=1, checkpoint_every=checkpoint_every,
+    )
+
+
+def test_resume_matches_uninterrupted_run_step_by_step(tmp_path):
+    full = make_trainer(tmp_path / "full", epochs=3)
+    full.fit()
+    expected = [h["loss"] for h in full.history]
+    assert len(expected) == 9  # 3 epochs x ceil(5 batches / 2 accumulation)
+
+    crashed = make_trainer(tmp_path / "run", epochs=3, checkpoint_every=2, loader=FakeLoader(crash_at=(1, 3)))
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit()
+    first_part = [h["loss"] for h in crashed.history]  # steps 1..4 (last.pt written at step 4)
+    assert len(first_part) == 4
+
+    resumed = make_trainer(tmp_path / "run", epochs=3, seed=123)  # other init and RNG: restore must overwrite
+    resumed.restore(resumed.checkpointer.load_last())
+    assert (resumed.state.epoch, resumed.state.step, resumed.state.batch_in_epoch) == (1, 4, 2)
+    resumed.fit()
+    assert first_part + [h["loss"] for h in resumed.history] == expected  # exactly equal, not approx
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3, loader=FakeLoader(nan_from_epoch=1))
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at optimizer step 4 \(epoch 2\).*last.pt"):
+        trainer.fit()
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 3)
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+
+
+def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary left behind
+
+
+def test_checkpoint_holds_contract_keys_and_best(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.fit()
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert checkpoint["format"] == "tdsclip" and checkpoint["version"] == 1
+    assert checkpoint["model_config"] == {"num_classes": NUM_CLASSES}
+    assert set(checkpoint["model"]) == set(trainer.model.state_dict())
+    assert {"optimizer", "schedule", "rng", "data", "step", "epoch", "config"} <= set(checkpoint)
+    assert (tmp_path / "best.pt").is_file()
+
+
+class ViewLogits(nn.Module):
+    """Returns the first NUM_CLASSES numbers of each clip as its logits."""
+
+    def forward(self, clips):
+        return clips.flatten(1)[:, :NUM_CLASSES]
+
+
+def test_evaluate_averages_softmax_over_views_and_skips_padding():
+    def clip(*logits):
+        x = torch.zeros(1, *CLIP_SHAPE)
+        x.view(1, -1)[0, :NUM_CLASSES] = torch.tensor(logits)
+        return x
+
+    # video a (label 0): views disagree; softmax mean picks 0 (logit mean would pick 1)
+    # video b (label 2): both views say 2; video c (label 1): predicted 0; d: padding (valid False)
+    clips = torch.cat([clip(10, 0, 0), clip(0, 4, 0), clip(0, 0, 5), clip(0, 0, 5),
+                       clip(3, 0, 0), clip(3, 0, 0), clip(9, 9, 9), clip(9, 9, 9)])
+    batch = {"clips": clips, "label": torch.tensor([0, 0, 2, 2, 1, 1, 0, 0]),
+             "valid": torch.tensor([True] * 6 + [False] * 2), "key": list("aabbccdd")}
+    result = evaluate(ViewLogits(), [batch], views=2, num_classes=NUM_CLASSES, device=torch.device("cpu"),
+                      keep_predictions=True)
+    assert result["num_videos"] == 3
+    assert result["top1"] == pytest.approx(100 * 2 / 3)
+    assert result["top5"] == pytest.approx(100.0)  # 3 classes: top-5 holds every class
+    assert result["mean_class_acc"] == pytest.approx(100 * (1 + 0 + 1) / 3)
+    assert [p["key"] for p in result["predictions"]] == ["a", "b", "c"]
+    assert [p["top5"][0] for p in result["predictions"]] == [0, 2, 0]
+
+
+def test_optimizer_groups_follow_the_official_split():
+    model = TinyModel()
+    groups = parameter_groups(model)
+    assert groups["head"] == [model.head.weight, model.head.bias]
+    assert groups["bn"] == [model.side_bn.weight, model.side_bn.bias]
+    assert groups["side"] == [model.side.weight, model.side.bias]  # frozen backbone left out
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.15, clip_ratio=0.5, bn_lr_ratio=0.25)
+    lrs = {g["name"]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups}
+    assert lrs == {"side": (5e-4, 0.15), "head": (1e-3, 0.15), "bn": (2.5e-4, 0.15)}
+
+
+def test_schedule_warms_up_linearly_then_cosine_to_zero():
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = WarmupCosineSchedule(optimizer, epochs=30, warmup_epochs=4)
+    lr_at = lambda epoch: (schedule.step(epoch), schedule.get_last_lr()[0])[1]  # noqa: E731
+    assert lr_at(0) == 0.0
+    assert lr_at(2.5) == pytest.approx(1e-3 * 2.5 / 4)
+    assert lr_at(4) == pytest.approx(1e-3)
+    assert lr_at(17) == pytest.approx(1e-3 * 0.5)
+    assert lr_at(10.3) == pytest.approx(1e-3 * (math.cos(math.pi * 6.3 / 26) + 1) / 2)
+    assert lr_at(30) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("global_batch, world, cap, expected", [
+    (128, 8, 16, (16, 1)), (128, 1, 16, (16, 8)), (128, 2, 16, (16, 4)), (12, 1, 5, (4, 3)), (8, 2, 16, (4, 1)),
+])
+def test_derive_batch(global_batch, world, cap, expected):
+    assert derive_batch(global_batch, world, cap) == expected
+
+
+def test_derive_batch_rejects_indivisible_world():
+    with pytest.raises(ValueError, match="global_batch_size=128 is not divisible by the 3 processes"):
+        derive_batch(128, 3, 16)
+
+
+def test_mixup_mixes_clips_and_soft_targets():
+    mixup = build_mixup(num_classes=NUM_CLASSES, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
+                        label_smoothing=0.1)
+    clips = torch.randn(4, *CLIP_SHAPE)
+    mixed, targets = mixup(clips.clone(), torch.tensor([0, 1, 2, 0]))
+    assert mixed.shape == clips.shape and targets.shape == (4, NUM_CLASSES)
+    assert torch.allclose(targets.sum(-1), torch.ones(4))
+    assert not torch.equal(mixed, clips)
+
+
+def test_tensorboard_scalars_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(tmp_path, epochs=2, tensorboard=True)
+    trainer.fit()
+    trainer.metrics.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/clips_per_s", "train/step_time_s", "train/data_wait_frac",
+            "sys/host_rss_gib", "val/top1", "val/top5"} <= tags
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in losses] == pytest.approx([h["loss"] for h in trainer.history])
+    assert all(0 <= e.value <= 1 for e in events.Scalars("train/data_wait_frac"))
+    assert all(e.value > 0 for e in events.Scalars("train/clips_per_s"))

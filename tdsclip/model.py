@@ -1,0 +1,385 @@
+"""TDS-CLIP: a frozen CLIP ViT plus a trainable temporal-difference side network.
+
+The network (arXiv 2408.10688), in the order data flows through it:
+
+1. ``SideStem`` (SME-Adapter): the centre frame of each 5-frame window and the 4 RGB differences
+   inside the window go through two (3, p, p) 3D convs; stem = frame + 0.5 * differences.
+2. The frozen open_clip ``VisionTransformer`` sees the centre frames; after each block its tokens are
+   tapped (LayerNorm + Linear to ``side_dim``) and fused into the side stream: s = 0.5 s + 0.5 tap.
+3. ``SideBlock`` i (one per backbone block): temporal conv + TD gate, class-token shift over time,
+   cross attention from patch tokens to [class token; patches], MLP.
+4. ``Head``: BatchNorm, mean over time and space, dropout, Linear.
+
+The side stream is kept channels-last, ``(B, T, L, D)`` (L = h * w patch tokens, D = side_dim), so the
+official 1x1x1 convs are Linear layers and its BatchNorm3d is a BatchNorm over the last dim; the
+numbers are the official ones (see tests/test_model.py), the names are ours (see tdsclip/weights.py
+for the mapping to the official checkpoint layout).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
+from torch import nn
+
+HEAD_WIDTH = 64  # CLIP ViTs and the official side attention both use 64-wide heads
+TD_REDUCTION = 16  # the TD gate squeezes channels by this factor
+
+
+def _clip_vision_sizes(arch: str) -> dict[str, int]:
+    """Backbone sizes of an open_clip ViT config name (no weights are touched)."""
+    config = open_clip.get_model_config(arch)
+    vision = (config or {}).get("vision_cfg", {})
+    plain = {"image_size", "layers", "width", "patch_size", "head_width"}
+    if not vision or not set(vision) <= plain or not isinstance(vision.get("layers"), int):
+        raise ValueError(
+            f"model.arch={arch!r} is not a plain open_clip ViT (use e.g. 'ViT-B-32', 'ViT-B-16', "
+            "'ViT-L-14', 'ViT-L-14-336', or arch=None with explicit sizes)"
+        )
+    width = vision["width"]
+    return {
+        "width": width,
+        "layers": vision["layers"],
+        "heads": width // vision.get("head_width", HEAD_WIDTH),
+        "patch_size": vision["patch_size"],
+        "image_size": vision["image_size"],
+    }
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Sizes of a TDS-CLIP network.
+
+    ``arch`` names an open_clip ViT ("ViT-B-16", ...) whose sizes fill ``width, layers, heads,
+    patch_size, image_size``; with ``arch=None`` those five must be given. ``side_dim`` is the side
+    network width (official: 320 for B/16, 512 for L/14). ``frames_per_segment`` is the odd window of
+    consecutive frames around each sampled frame (official: 5). ``dropout`` is applied before the
+    classifier. ``quick_gelu`` selects the OpenAI backbone activation (False for open_clip models
+    trained with nn.GELU).
+    """
+
+    arch: str | None = "ViT-B-16"
+    width: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    patch_size: int | None = None
+    image_size: int | None = None
+    side_dim: int = 320
+    num_segments: int = 8
+    frames_per_segment: int = 5
+    num_classes: int = 400
+    dropout: float = 0.0
+    quick_gelu: bool = True
+
+    def __post_init__(self) -> None:
+        sizes = ("width", "layers", "heads", "patch_size", "image_size")
+        if self.arch is not None:
+            for name, value in _clip_vision_sizes(self.arch).items():
+                given = getattr(self, name)
+                if given is not None and given != value:
+                    raise ValueError(f"model.{name}={given} conflicts with model.arch={self.arch!r} ({value})")
+                setattr(self, name, value)
+        for name in sizes + ("side_dim", "num_segments", "frames_per_segment", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model.{name} must be a positive integer (got {value!r})")
+        if self.width % self.heads:
+            raise ValueError(f"model.width={self.width} must be divisible by model.heads={self.heads}")
+        if self.patch_size < 3:
+            raise ValueError(f"model.patch_size must be at least 3 (got {self.patch_size})")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.image_size={self.image_size} must be a multiple of model.patch_size={self.patch_size}"
+            )
+        if self.side_dim < TD_REDUCTION or self.side_dim % self.side_heads:
+            raise ValueError(
+                f"model.side_dim must be at least {TD_REDUCTION} and divisible by its head count "
+                f"{self.side_heads} (side_dim // {HEAD_WIDTH}); got {self.side_dim}"
+            )
+        if self.frames_per_segment < 3 or self.frames_per_segment % 2 == 0:
+            raise ValueError(f"model.frames_per_segment must be odd and at least 3 (got {self.frames_per_segment})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
+
+    @property
+    def side_heads(self) -> int:
+        """Attention heads of the side network (official: side_dim // 64)."""
+        return max(1, self.side_dim // HEAD_WIDTH)
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per image side."""
+        return self.image_size // self.patch_size
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A few-hundred-kilobyte model for demos and tests (random weights, 32x32 frames)."""
+    sizes = dict(arch=None, width=64, layers=2, heads=2, patch_size=8, image_size=32, side_dim=64, num_classes=10)
+    return ModelConfig(**(sizes | overrides))
+
+
+class ChannelNorm(nn.BatchNorm1d):
+    """BatchNorm over the last dim of a channels-last tensor.
+
+    Statistics are over every other dim, as the official BatchNorm3d over (B, C, T, h, w).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+class SideStem(nn.Module):
+    """SME-Adapter: centre frame + 0.5 * frame differences, each a (3, p, p) conv and BatchNorm."""
+
+    def __init__(self, side_dim: int, patch_size: int, frames_per_segment: int):
+        super().__init__()
+        self.centre = frames_per_segment // 2
+        conv = dict(kernel_size=(3, patch_size, patch_size), stride=(1, patch_size, patch_size), padding=1)
+        self.frame_conv = nn.Conv3d(3, side_dim, **conv)
+        self.frame_norm = ChannelNorm(side_dim)
+        self.diff_conv = nn.Conv3d(3 * (frames_per_segment - 1), side_dim, **conv)
+        self.diff_norm = ChannelNorm(side_dim)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        # clips: (B, T, M, 3, H, W) -> side stream (B, T, L, D)
+        frame = rearrange(clips[:, :, self.centre], "b t c h w -> b c t h w")
+        diffs = rearrange(clips[:, :, 1:] - clips[:, :, :-1], "b t m c h w -> b (m c) t h w")
+        frame = rearrange(self.frame_conv(frame), "b d t h w -> b t (h w) d")
+        diffs = rearrange(self.diff_conv(diffs), "b d t h w -> b t (h w) d")
+        return self.frame_norm(frame) + 0.5 * self.diff_norm(diffs)
+
+
+class BackboneTap(nn.Module):
+    """Projects one backbone block's tokens to the side width."""
+
+    def __init__(self, width: int, side_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, side_dim)
+        nn.init.normal_(self.proj.weight, std=(2 * side_dim) ** -0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(tokens))
+
+
+class TemporalConv(nn.Module):
+    """1x1x1 conv -> depthwise conv over time (kernel 3, zero padded) -> 1x1x1 conv."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.in_proj = nn.Linear(dim, dim)
+        self.time_weight = nn.Parameter(torch.empty(dim, 3))  # taps for t-1, t, t+1
+        self.time_bias = nn.Parameter(torch.empty(dim))
+        self.out_proj = nn.Linear(dim, dim)
+        bound = 1 / math.sqrt(3)  # PyTorch's default conv init for a fan-in of 3
+        nn.init.uniform_(self.time_weight, -bound, bound)
+        nn.init.uniform_(self.time_bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_proj(x)  # (B, T, L, D)
+        T = x.shape[1]
+        padded = F.pad(x, (0, 0, 0, 0, 1, 1))  # (B, T + 2, L, D)
+        w = self.time_weight
+        x = padded[:, :T] * w[:, 0] + padded[:, 1 : T + 1] * w[:, 1] + padded[:, 2:] * w[:, 2] + self.time_bias
+        return self.out_proj(x)
+
+
+class TDGate(nn.Module):
+    """TD-Adapter gate: x + x * (sigmoid(y) - 0.5), y from local temporal differences of squeezed x."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        hidden = dim // TD_REDUCTION
+        self.reduce = nn.Linear(dim, hidden, bias=False)
+        self.reduce_norm = ChannelNorm(hidden)
+        self.expand = nn.Linear(hidden, dim, bias=False)
+        self.expand_norm = ChannelNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.reduce_norm(self.reduce(x))  # (B, T, L, C)
+        T = r.shape[1]
+        padded = F.pad(r, (0, 0, 0, 0, 1, 1), value=float("-inf"))  # max-pool padding over time
+        local_max = torch.maximum(torch.maximum(padded[:, :T], padded[:, 1 : T + 1]), padded[:, 2:])
+        diff = r - local_max
+        y = 0.5 * diff + 0.5 * diff.mean(dim=-1, keepdim=True)
+        gate = torch.sigmoid(self.expand_norm(self.expand(y))) - 0.5
+        return x + x * gate
+
+
+class CrossAttention(nn.Module):
+    """Patch tokens attend to [class token; patch tokens] (token 0 is the class token)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.normal_(self.qkv.weight, std=dim**-0.5)
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.normal_(self.proj.weight, std=dim**-0.5 * 24**-0.5)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)  # each (N, 1 + L, D)
+        q = rearrange(q[:, 1:], "n l (h e) -> n h l e", h=self.heads)
+        k = rearrange(k, "n l (h e) -> n h l e", h=self.heads)
+        v = rearrange(v, "n l (h e) -> n h l e", h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, D / heads)
+        return self.proj(rearrange(out, "n h l e -> n l (h e)"))
+
+
+class SideMLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(4 * dim, dim)
+        nn.init.normal_(self.fc1.weight, std=(2 * dim) ** -0.5)
+        nn.init.normal_(self.fc2.weight, std=dim**-0.5 * 24**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def shift_class_token(cls: torch.Tensor) -> torch.Tensor:
+    """(B, T, D): first half of channels from segment t + 1, second half from t - 1, zeros at the ends."""
+    half = cls.shape[-1] // 2
+    from_next = F.pad(cls[:, 1:, :half], (0, 0, 0, 1))
+    from_prev = F.pad(cls[:, :-1, half:], (0, 0, 1, 0))
+    return torch.cat([from_next, from_prev], dim=-1)
+
+
+class SideBlock(nn.Module):
+    """One side layer: temporal conv + TD gate, shifted-class-token cross attention, MLP."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.temporal_norm = ChannelNorm(dim)
+        self.temporal_conv = TemporalConv(dim)
+        self.td_gate = TDGate(dim)
+        self.attn_norm = nn.LayerNorm(dim)
+        self.cross_attn = CrossAttention(dim, heads)
+        self.mlp_norm = ChannelNorm(dim)
+        self.mlp = SideMLP(dim)
+
+    def forward(self, s: torch.Tensor, cls: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        # s: (B, T, L, D) side stream; cls: (B, T, D) tapped class token; pos_embed: (L, D)
+        B = s.shape[0]
+        s = s + self.td_gate(self.temporal_conv(self.temporal_norm(s)))
+        tokens = torch.cat([shift_class_token(cls).unsqueeze(2), s + pos_embed], dim=2)  # (B, T, 1 + L, D)
+        tokens = rearrange(self.attn_norm(tokens), "b t l d -> (b t) l d")
+        s = s + rearrange(self.cross_attn(tokens), "(b t) l d -> b t l d", b=B)
+        return s + self.mlp(self.mlp_norm(s))
+
+
+class SideNetwork(nn.Module):
+    """Stem, one tap + side block per backbone block, and the shared side position embedding."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        dim = config.side_dim
+        self.stem = SideStem(dim, config.patch_size, config.frames_per_segment)
+        self.taps = nn.ModuleList(BackboneTap(config.width, dim) for _ in range(config.layers))
+        self.blocks = nn.ModuleList(SideBlock(dim, config.side_heads) for _ in range(config.layers))
+        self.pos_embed = nn.Parameter(torch.empty(config.grid_size**2, dim))
+        nn.init.normal_(self.pos_embed, std=0.01)
+
+    def forward(self, clips: torch.Tensor, cls_tokens: list[torch.Tensor], patch_tokens: list[torch.Tensor]):
+        # clips: (B, T, M, 3, H, W); per block: cls (B*T, 1, W), patches (B*T, L, W) -> (B, T, L, D)
+        B, T = clips.shape[:2]
+        s = self.stem(clips)
+        for tap, block, cls, patches in zip(self.taps, self.blocks, cls_tokens, patch_tokens):
+            cls = rearrange(tap(cls), "(b t) 1 d -> b t d", b=B, t=T)
+            s = 0.5 * s + 0.5 * rearrange(tap(patches), "(b t) l d -> b t l d", b=B, t=T)
+            s = block(s, cls, self.pos_embed)
+        return s
+
+
+class Head(nn.Module):
+    """BatchNorm, mean over time and space, dropout, classifier."""
+
+    def __init__(self, dim: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.norm = ChannelNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        pooled = self.norm(s).mean(dim=(1, 2))  # (B, T, L, D) -> (B, D)
+        return self.fc(self.dropout(pooled))
+
+
+def build_backbone(config: ModelConfig) -> VisionTransformer:
+    """A randomly initialised open_clip ViT without its pooling head (ln_post/proj are unused)."""
+    backbone = VisionTransformer(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        width=config.width,
+        layers=config.layers,
+        heads=config.heads,
+        mlp_ratio=4.0,
+        output_dim=config.width,
+        act_layer=QuickGELU if config.quick_gelu else nn.GELU,
+        norm_layer=LayerNorm,
+        block_type="custom",  # open_clip's scaled-dot-product attention block; same weights as OpenAI's
+    )
+    backbone.prune_intermediate_layers(config.layers, prune_norm=True, prune_head=True)
+    return backbone
+
+
+class TDSCLIP(nn.Module):
+    """Frozen CLIP ViT + temporal-difference side network + classifier.
+
+    ``model(clips)``: clips (B, T, M, 3, H, W), CLIP-normalised -> logits (B, num_classes).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(config)
+        self.side = SideNetwork(config)
+        self.head = Head(config.side_dim, config.num_classes, config.dropout)
+        self.lock_backbone()
+
+    def lock_backbone(self) -> None:
+        """Freeze the backbone (the official rule: everything under the CLIP ViT). Idempotent."""
+        self.backbone.requires_grad_(False)
+
+    def encode_frames(self, clips: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Run the frozen backbone on the centre frames; per block: class (B*T, 1, W), patches (B*T, L, W)."""
+        centre = rearrange(clips[:, :, self.config.frames_per_segment // 2], "b t c h w -> (b t) c h w")
+        with torch.no_grad():  # no autograd graph: the backbone is frozen and its input needs no grad
+            out = self.backbone.forward_intermediates(
+                centre, output_fmt="NLC", intermediates_only=True, output_extra_tokens=True
+            )
+        return out["image_intermediates_prefix"], out["image_intermediates"]
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        self._check_input(clips)
+        cls_tokens, patch_tokens = self.encode_frames(clips)
+        return self.head(self.side(clips, cls_tokens, patch_tokens))
+
+    def _check_input(self, clips: torch.Tensor) -> None:
+        c = self.config
+        expected = (c.num_segments, c.frames_per_segment, 3, c.image_size, c.image_size)
+        if clips.ndim != 6 or tuple(clips.shape[1:]) != expected:
+            raise ValueError(
+                f"clips must have shape (B, {', '.join(map(str, expected))}) = (B, T, M, 3, H, W); "
+                f"got {tuple(clips.shape)}"
+            )
+
+
+def build_model(config: ModelConfig) -> TDSCLIP:
+    """A TDS-CLIP network with random weights (official init for the side network), backbone frozen."""
+    return TDSCLIP(config)
+
+
+def trainable_parameters(model: TDSCLIP) -> list[nn.Parameter]:
+    """The parameters training updates: side network and head (the backbone is frozen)."""
+    return [p for p in model.parameters() if p.requires_grad]

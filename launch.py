@@ -17,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import pipelines
+from pipelines.reader import shard_paths
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_to_dict, load_config, save_config
 from tdsclip.distributed import World, close_distributed, init_distributed
@@ -71,10 +72,10 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
              f"{precision}, torch.compile {'on' if use_compile else 'off'}, device {world.device}")
     data, mcfg = config.data, model.config
     options = loader_options(config, world, mcfg.image_size)
-    train_loader = pipelines.loader(data.shards, data.train_split, per_device, mcfg.num_segments, **options,
+    train_loader = pipelines.loader(shard_paths(data.shards, data.train_split), "train", per_device, mcfg.num_segments, **options,
                                     num_sample=data.num_sample, flip=data.flip, flip_label_map=data.flip_label_map,
                                     grayscale_prob=data.grayscale_prob, randaugment=data.randaugment)
-    val_loader = pipelines.loader(data.shards, data.val_split, data.eval_batch_size, mcfg.num_segments, **options)
+    val_loader = pipelines.loader(shard_paths(data.shards, data.val_split), "val", data.eval_batch_size, mcfg.num_segments, **options)
     train_model = model
     if world.distributed:
         train_model = DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
@@ -128,7 +129,8 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     crops = args.test_crops or config.eval.test_crops
     clips = args.test_clips or config.eval.test_clips
     precision = config.precision if config.precision != "auto" else ("bf16" if world.device.type == "cuda" else "fp32")
-    loader = pipelines.loader(config.data.shards, "test", config.data.eval_batch_size, model.config.num_segments,
+    tars = shard_paths(config.data.shards, config.data.test_split)
+    loader = pipelines.loader(tars, "test", config.data.eval_batch_size, model.config.num_segments,
                               **loader_options(config, world, model.config.image_size),
                               test_crops=crops, test_clips=clips)
     result = evaluate(model, loader, views=crops * clips, num_classes=model.config.num_classes,

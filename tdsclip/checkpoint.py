@@ -9,7 +9,6 @@ directory and renamed, so a crash mid-write never leaves a truncated last.pt.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 from pathlib import Path
@@ -18,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT = "tdsclip"
-VERSION = 1
+from tdsclip.weights import FORMAT, model_checkpoint
+
+__all__ = ["Checkpointer", "atomic_save", "model_checkpoint", "rng_state", "set_rng_state"]
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -55,16 +55,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def model_checkpoint(model: torch.nn.Module) -> dict:
-    """The model part of a checkpoint (what tdsclip.load_model needs)."""
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_config": dataclasses.asdict(model.config),
-        "model": model.state_dict(),
-    }
 
 
 class Checkpointer:

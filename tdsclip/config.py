@@ -41,6 +41,7 @@ class ModelSection:
     frames_per_segment: int = 5
     num_classes: int = 400
     dropout: float = 0.0
+    quick_gelu: bool = True  # OpenAI CLIP backbones; False for open_clip models trained with GELU
     clip_weights: str | None = None  # local CLIP file; None = random frozen backbone (demo/tests)
 
     def __post_init__(self) -> None:

@@ -173,7 +173,7 @@ class Trainer:
             first = self.state.batch_in_epoch
             micro = min(self.accum_steps, num_batches - first)
             self.schedule.step(self.state.epoch + first / num_batches)
-            loss = self._optimizer_step(batches, micro, timer)
+            loss = self.optimizer_step(batches, micro, timer)
             self.state.step += 1
             self.state.batch_in_epoch = first + micro
             pending.append(loss)
@@ -187,7 +187,7 @@ class Trainer:
                 self._check_finite(pending)
                 self._save()
 
-    def _optimizer_step(self, batches: Iterable, micro: int, timer: StepTimer) -> torch.Tensor:
+    def optimizer_step(self, batches: Iterable, micro: int, timer: StepTimer) -> torch.Tensor:
         """Forward/backward `micro` micro-batches, then one optimizer step; returns the mean loss."""
         total = torch.zeros((), device=self.world.device)
         for index in range(micro):

@@ -1,0 +1,5 @@
+"""DALI data pipelines: shards -> decode (GPU or CPU) -> TSN sampling -> augmentation -> clips on the device."""
+
+from pipelines.loader import Loader, loader
+
+__all__ = ["Loader", "loader"]

@@ -1,0 +1,127 @@
+"""Spatial augmentation, split in two halves.
+
+Parameters (pure numpy, per clip): crop windows are drawn here, in the coordinates of the
+official "scaled" frame (short side 256, or exactly 256x320 for Something-Something), and
+mapped back to the stored frame, so that DALI can crop and resize in ONE resampling
+(`fn.resize` with a region of interest) instead of the official scale-then-crop pair.
+
+Operators (DALI graph): `crop_resize`, `grayscale`, `rand_augment`, `normalize` work on both
+single frames (HWC) and clips (FHWC); one set of parameters is shared by every frame of a clip.
+"""
+
+import math
+import re
+
+import numpy as np
+from nvidia.dali import fn, types
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SSV2_FLIP_LABELS = {86: 87, 87: 86, 93: 94, 94: 93, 166: 167, 167: 166}
+TEST_CROPS = (1, 3, 5, 10)
+
+
+# ---------------------------------------------------------------- parameters (numpy)
+def scaled_size(height: int, width: int, resize: int | tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of the official scaled frame: short side `resize` (torchvision rule), or exactly (H, W)."""
+    if not isinstance(resize, int):
+        return int(resize[0]), int(resize[1])
+    if height <= width:
+        return resize, int(resize * width / height)
+    return int(resize * height / width), resize
+
+
+def random_resized_crop(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """Official GroupRandomSizedCrop window (y, x, h, w) in a (height, width) frame.
+
+    Area 0.08-1, aspect 3/4-4/3, h and w swapped with p=0.5, 10 attempts; the fallback is a
+    square of the short side at a random position (scale to the output size, then random crop).
+    """
+    area = height * width
+    for _ in range(10):
+        target_area = rng.uniform(0.08, 1.0) * area
+        aspect = rng.uniform(3 / 4, 4 / 3)
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if rng.random() < 0.5:
+            w, h = h, w
+        if w <= width and h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(height, width)
+    return int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1)), side, side
+
+
+def test_crops(height: int, width: int, size: int, num_crops: int) -> list[tuple[int, int, bool]]:
+    """Official test crops (y, x, mirror) of a size x size window, in their official order.
+
+    1: centre. 3: left, right, centre (GroupFullResSample). 5: the four corners then the centre
+    (GroupOverSample). 10: those five, each followed by its mirror image.
+    """
+    if num_crops not in TEST_CROPS:
+        raise ValueError(f"test_crops must be one of {TEST_CROPS}, got {num_crops}")
+    if num_crops == 1:
+        return [(int(round((height - size) / 2)), int(round((width - size) / 2)), False)]
+    w_step, h_step = (width - size) // 4, (height - size) // 4
+    if num_crops == 3:
+        xy = [(0, 2 * h_step), (4 * w_step, 2 * h_step), (2 * w_step, 2 * h_step)]
+    else:
+        xy = [(0, 0), (4 * w_step, 0), (0, 4 * h_step), (4 * w_step, 4 * h_step), (2 * w_step, 2 * h_step)]
+    mirrors = (False, True) if num_crops == 10 else (False,)
+    return [(y, x, m) for x, y in xy for m in mirrors]
+
+
+def to_stored_roi(window: tuple[int, int, int, int], scaled: tuple[int, int], stored: tuple[int, int]) -> np.ndarray:
+    """Map a (y, x, h, w) window of the scaled frame to a stored-frame ROI [y0, x0, y1, x1] (float32)."""
+    sy, sx = stored[0] / scaled[0], stored[1] / scaled[1]
+    y, x, h, w = window
+    return np.array([y * sy, x * sx, (y + h) * sy, (x + w) * sx], dtype=np.float32)
+
+
+def parse_randaugment(spec: str) -> tuple[int, int]:
+    """Parse a timm-style "rand-m7-n4[-mstd0.5][-inc1]" into (n, m) on timm's 0-10 magnitude scale.
+
+    DALI's RandAugment has no magnitude noise: mstd is accepted and not applied (docs/pipelines.md).
+    """
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"randaugment must look like 'rand-m7-n4-mstd0.5', got {spec!r}")
+    n, m = 2, 10
+    for part in parts[1:]:
+        key, value = re.match(r"([a-z]+)(.*)", part).groups()
+        if key == "m":
+            m = int(value)
+        elif key == "n":
+            n = int(value)
+        elif key not in ("mstd", "inc"):
+            raise ValueError(f"randaugment {spec!r}: unknown part {part!r} (valid: m, n, mstd, inc)")
+    if not 0 <= m <= 10:
+        raise ValueError(f"randaugment {spec!r}: magnitude m must be in 0..10")
+    return n, m
+
+
+# ---------------------------------------------------------------- DALI operators
+def crop_resize(images, roi_start, roi_end, size: int, interp):
+    """Crop the ROI and resize it to size x size in one resampling (antialiased when shrinking)."""
+    return fn.resize(images, size=[size, size], roi_start=roi_start, roi_end=roi_end,
+                     interp_type=interp, antialias=True)
+
+
+def grayscale(images, saturation):
+    """Per-clip grayscale: saturation 0 gives luma (0.299, 0.587, 0.114) in all three channels; 1 is identity."""
+    return fn.color_twist(images, saturation=saturation)
+
+
+def rand_augment(images, n: int, m: int, size: int):
+    """timm-style RandAugment (increasing magnitudes, 0-10 scale) with one draw per clip."""
+    from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
+
+    return dali_rand_augment.rand_augment(images, n=n, m=m, num_magnitude_bins=11, shape=(size, size))
+
+
+def normalize(images, mirror, dtype, layout: str):
+    """Mirror per clip, scale to [0,1], normalize with CLIP mean/std, transpose to `layout` (CHW/FCHW)."""
+    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=dtype, output_layout=layout,
+                                    mean=[255 * v for v in CLIP_MEAN], std=[255 * v for v in CLIP_STD])
+
+
+INTERP = {"train": types.INTERP_LINEAR, "eval": types.INTERP_CUBIC}

@@ -1,0 +1,223 @@
+"""`pipelines.loader(...)`: batches of clips from shards, on the training device, one epoch per iteration."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import types
+
+from pipelines import augment
+from pipelines.pipeline import eval_pipeline, train_pipeline
+from pipelines.plan import ClipSpec, EpochPlan, make_plan, rank_rows
+from pipelines.reader import ShardFiles, ShardReadError, check_sample, read_samples, shard_paths
+from pipelines.source import ClipSource
+
+ON_ERROR = ("raise", "skip")
+
+
+def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_segments: int = 8, *,
+           rank: int = 0, world_size: int = 1, seed: int = 0, device: str | torch.device | None = None,
+           dtype: torch.dtype = torch.float32, image_size: int = 224, resize: int | tuple[int, int] = 256,
+           num_sample: int = 1, flip: str = "none", flip_label_map: dict[int, int] | None = None,
+           grayscale_prob: float = 0.0, randaugment: str | None = None, test_crops: int = 1,
+           test_clips: int = 1, num_threads: int | None = None, on_error: str = "raise",
+           py_workers: int = 0) -> "Loader":
+    """A Loader over `split` of `shards` (a directory with `<split>.manifest.json`, or a list of tars).
+
+    Args:
+        batch_size: videos per batch on this rank; a batch holds batch_size * views clips, where
+            views = num_sample (train), test_crops * test_clips (test) or 1 (val).
+        rank, world_size: this process's share of the data (see Loader).
+        device: where batches land; None picks "cuda" when available, else "cpu". On CUDA the
+            JPEG/video decode and all augmentation run on that GPU (DALI "mixed" backend).
+        resize: short side of the official scaled frame, or an exact (H, W) like (256, 320).
+        flip: "none", "plain" (p=0.5) or "swap" (p=0.5, labels swapped by flip_label_map,
+            default the Something-Something v2 left/right pairs).
+        randaugment: e.g. "rand-m7-n4-mstd0.5" (train only; DALI auto_aug, one draw per clip).
+        on_error: "raise" (error naming shard and key) or "skip" (drop the sample, count it).
+        py_workers: processes reading shard bytes for DALI (0 = in the DALI feeding thread).
+    """
+    spec = ClipSpec(split=split, num_segments=num_segments, image_size=image_size, resize=resize,
+                    num_sample=num_sample, flip=flip, flip_label_map=flip_label_map,
+                    grayscale_prob=grayscale_prob, test_crops=test_crops, test_clips=test_clips)
+    return Loader(shard_paths(shards, split), spec, batch_size, rank=rank, world_size=world_size, seed=seed,
+                  device=device, dtype=dtype, randaugment=randaugment, num_threads=num_threads,
+                  on_error=on_error, py_workers=py_workers)
+
+
+class Loader:
+    """Iterable over the batches of one epoch of one rank.
+
+    Batches are dicts: `clips` (B, T, 5, 3, S, S) normalized, on `device`, in `dtype`; `label` (B,)
+    int64 on `device`; `valid` (B,) bool on `device` (False on padding); `key` list of B str.
+    A video's views are adjacent (view-major: crop/sample outer, temporal clip inner).
+
+    Every rank yields len(self) batches per epoch (see plan.rank_rows for padding and dropping).
+    The position advances as batches are yielded; after the last batch of epoch e the loader
+    stands at epoch e+1, batch 0. set_epoch(e) moves to epoch e (keeping the position if the
+    loader is already in epoch e); state_dict()/load_state_dict() save and restore it.
+    """
+
+    def __init__(self, tars: list[str], spec: ClipSpec, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device=None, dtype: torch.dtype = torch.float32, randaugment: str | None = None,
+                 num_threads: int | None = None, on_error: str = "raise", py_workers: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+        self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
+        self.seed, self.dtype, self.on_error, self.py_workers = seed, dtype, on_error, py_workers
+        self.samples = read_samples(tars)
+        self.randaugment = augment.parse_randaugment(randaugment) if randaugment and spec.train else None
+        layout = self.samples[0].layout
+        self.mode = "video" if layout == "video" else "stack" if self.randaugment else "frame"
+        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        self.num_threads = num_threads or len(os.sched_getaffinity(0))
+        self._skipped_ids: set[int] = set()
+        self._epoch, self._position = 0, 0
+        self._plan_cache: tuple | None = None
+        rank_rows(len(self.samples), batch_size, rank, world_size, shuffle=False)  # validates rank
+
+    # --- size and position -----------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._plan(self._epoch).num_batches
+
+    @property
+    def num_samples(self) -> int:
+        """This rank's real (valid) videos per epoch."""
+        return int(self._plan(self._epoch).valid.sum())
+
+    @property
+    def skipped(self) -> list[str]:
+        """"shard:key" of every sample skipped after a read or decode error (on_error="skip")."""
+        return [f"{self.samples[i].tar}:{self.samples[i].key}" for i in sorted(self._skipped_ids)]
+
+    @property
+    def views(self) -> int:
+        """Clips per video in a batch: num_sample (train), test_crops * test_clips (test), 1 (val)."""
+        return self.spec.num_views * self.spec.num_clips
+
+    @property
+    def epoch(self) -> int:
+        return self._cursor()[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move to `epoch` (its own shuffle); stays put mid-epoch if already there (resume)."""
+        if epoch != self._cursor()[0]:
+            self._epoch, self._position = epoch, 0
+
+    def state_dict(self) -> dict:
+        epoch, position = self._cursor()
+        return {"epoch": epoch, "position": position, "seed": self.seed, "world_size": self.world_size,
+                "num_videos": len(self.samples), "skipped": sorted(self._skipped_ids)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by state_dict(); the data, seed and world size must match."""
+        for name, mine in (("seed", self.seed), ("world_size", self.world_size), ("num_videos", len(self.samples))):
+            if state[name] != mine:
+                raise ValueError(f"loader state: {name} {state[name]} was saved, this loader has {mine}")
+        self._skipped_ids = set(state.get("skipped", ()))
+        self._epoch, self._position = state["epoch"], state["position"]
+        self._plan_cache = None
+
+    def _cursor(self) -> tuple[int, int]:
+        if self._position >= len(self):
+            return self._epoch + 1, 0
+        return self._epoch, self._position
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        key = (epoch, frozenset(self._skipped_ids))
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            plan = make_plan(self.samples, self.spec, self.batch_size, rank=self.rank, world_size=self.world_size,
+                             seed=self.seed, epoch=epoch, skipped=key[1])
+            self._plan_cache = (key, plan)
+        return self._plan_cache[1]
+
+    # --- iteration -------------------------------------------------------------------------
+    def __iter__(self):
+        self._epoch, self._position = self._cursor()
+        epoch = self._epoch
+        plan = self._plan(epoch)
+        pipe = self._build(plan, self._position)
+        while self._position < plan.num_batches:
+            batch_index = self._position
+            try:
+                outputs = pipe.run()
+            except Exception as error:  # DALI reports decode and read errors here
+                del pipe
+                self._handle_failure(plan, batch_index, error)
+                plan = self._plan(epoch)
+                pipe = self._build(plan, batch_index)
+                continue
+            batch = self._assemble(outputs, plan, batch_index)
+            self._position = batch_index + 1
+            yield batch
+
+    def _build(self, plan: EpochPlan, start: int):
+        grayscale = self.spec.train and self.spec.grayscale_prob > 0
+        source = ClipSource(plan, self.samples, self.mode, start, grayscale=grayscale)
+        cuda = self.device.type == "cuda"
+        frames = plan.frames.shape[1] if self.mode == "frame" else 1
+        seed = int(np.random.SeedSequence([self.seed, self._epoch, self.rank, start]).generate_state(1)[0] >> 1)
+        options = dict(batch_size=plan.batch_size * frames, num_threads=self.num_threads, seed=seed,
+                       device_id=(self.device.index or 0) if cuda else None, prefetch_queue_depth=2,
+                       py_num_workers=max(1, self.py_workers), py_start_method="spawn" if cuda else "fork",
+                       image_size=self.spec.image_size, decode_device="mixed" if cuda else "cpu",
+                       dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
+                       parallel=self.py_workers > 0)
+        if self.spec.train:
+            pipe = train_pipeline(source, grayscale=grayscale, randaugment=self.randaugment, **options)
+        else:
+            pipe = eval_pipeline(source, **options)
+        pipe.build()
+        return pipe
+
+    def _assemble(self, outputs, plan: EpochPlan, batch_index: int) -> dict:
+        rows = slice(batch_index * plan.batch_size, (batch_index + 1) * plan.batch_size)
+        spec, size = self.spec, self.spec.image_size
+        views = torch.stack([_to_torch(out, self.device) for out in outputs])  # (O, B*F, 3, S, S) or (O, B, F, ...)
+        # (O, B, K*T*5, 3, S, S) -> (B, O, K, T, 5, 3, S, S) -> (B*O*K, T, 5, 3, S, S)
+        views = views.view(spec.num_views, plan.batch_size, spec.num_clips, spec.num_segments, 5, 3, size, size)
+        clips = views.transpose(0, 1).reshape(-1, spec.num_segments, 5, 3, size, size).to(self.dtype)
+        repeat = spec.num_clips
+        labels = np.repeat(plan.label[rows], repeat, axis=1).reshape(-1)  # (B*O*K,)
+        valid = np.repeat(plan.valid[rows], spec.num_views * repeat)
+        keys = [self.samples[i].key for i in plan.sample[rows] for _ in range(spec.num_views * repeat)]
+        return {"clips": clips, "label": torch.from_numpy(labels).to(self.device),
+                "valid": torch.from_numpy(valid).to(self.device), "key": keys}
+
+    def _handle_failure(self, plan: EpochPlan, batch_index: int, error: Exception) -> None:
+        """Find the sample(s) that broke a batch; raise naming them, or record them as skipped."""
+        files, bad = ShardFiles(), {}
+        last = min(plan.num_batches, batch_index + 3)  # the failure may come from a prefetched batch
+        for r in range(batch_index * plan.batch_size, last * plan.batch_size):
+            index = int(plan.sample[r])
+            if index in bad or index in self._skipped_ids:
+                continue
+            try:
+                check_sample(files, self.samples[index], plan.frames[r])
+            except ShardReadError as failure:
+                bad[index] = failure
+        files.close()
+        if not bad:
+            keys = ", ".join(f"{Path(self.samples[i].tar).name}:{self.samples[i].key}"
+                             for i in plan.sample[batch_index * plan.batch_size:last * plan.batch_size])
+            raise ShardReadError(f"DALI failed on a batch of [{keys}]: {error}") from error
+        if self.on_error == "raise":
+            raise next(iter(bad.values())) from error
+        self._skipped_ids.update(bad)
+
+
+def _to_torch(output, device: torch.device) -> torch.Tensor:
+    """A dense DALI TensorList as a torch tensor on `device` (one copy)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    tensor = output.as_tensor()
+    dtype = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16}[tensor.dtype]
+    result = torch.empty(tensor.shape(), dtype=dtype, device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(tensor, result, cuda_stream=stream)
+    return result

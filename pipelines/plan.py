@@ -1,0 +1,177 @@
+"""The plan of one epoch on one rank: which videos, which frames, which crops, in which batch.
+
+Everything random is drawn here, in numpy, from (seed, epoch, rank), so the plan of an epoch
+is a pure function of those numbers: that makes runs deterministic and lets a resumed run
+continue mid-epoch with exactly the batches it would have seen (DALI's own RNG is used only
+by RandAugment).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines import augment, sampling
+from pipelines.reader import Sample
+
+SPLITS = ("train", "val", "test")
+FLIPS = ("none", "plain", "swap")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipSpec:
+    """What one loader makes of a video (validated; errors name the option)."""
+
+    split: str
+    num_segments: int = 8
+    image_size: int = 224
+    resize: int | tuple[int, int] = 256
+    num_sample: int = 1
+    flip: str = "none"
+    flip_label_map: dict[int, int] | None = None
+    grayscale_prob: float = 0.0
+    test_crops: int = 1
+    test_clips: int = 1
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.flip not in FLIPS:
+            raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
+        for name in ("num_segments", "image_size", "num_sample", "test_clips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.test_crops not in augment.TEST_CROPS:
+            raise ValueError(f"test_crops must be one of {augment.TEST_CROPS}, got {self.test_crops}")
+        if not 0.0 <= self.grayscale_prob <= 1.0:
+            raise ValueError(f"grayscale_prob must be in [0, 1], got {self.grayscale_prob}")
+        short = self.resize if isinstance(self.resize, int) else min(self.resize)
+        if short < self.image_size:
+            raise ValueError(f"resize {self.resize} must be at least image_size {self.image_size}")
+
+    @property
+    def train(self) -> bool:
+        return self.split == "train"
+
+    @property
+    def num_views(self) -> int:
+        """Spatial views per video, one DALI output each: num_sample (train), test_crops (test), 1 (val)."""
+        return self.num_sample if self.train else self.test_crops if self.split == "test" else 1
+
+    @property
+    def num_clips(self) -> int:
+        """Temporal clips per video: test_clips in test, else 1."""
+        return self.test_clips if self.split == "test" else 1
+
+    @property
+    def frames_per_video(self) -> int:
+        return self.num_clips * self.num_segments * sampling.FRAMES_PER_SEGMENT
+
+    @property
+    def label_map(self) -> dict[int, int]:
+        if self.flip != "swap":
+            return {}
+        return augment.SSV2_FLIP_LABELS if self.flip_label_map is None else dict(self.flip_label_map)
+
+
+@dataclass
+class EpochPlan:
+    """Rows are videos in batch order (batch b = rows [b*B, (b+1)*B)); O views, F frames per video."""
+
+    batch_size: int
+    sample: np.ndarray  # (R,) index into the sample list
+    valid: np.ndarray  # (R,) bool; False marks padding
+    frames: np.ndarray  # (R, F) int32 frame indices, clip-major then segment then window
+    roi: np.ndarray  # (R, O, 4) float32 [y0, x0, y1, x1] in stored-frame pixels
+    mirror: np.ndarray  # (R, O) int32
+    saturation: np.ndarray  # (R, O) float32; 0 = grayscale
+    label: np.ndarray  # (R, O) int64, after the flip label swap
+    skipped: set = field(default_factory=set)
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.sample) // self.batch_size
+
+
+def rank_rows(num_videos: int, batch_size: int, rank: int, world_size: int, *, shuffle: bool,
+              rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's videos for one epoch, in order, as (indices, valid); len is a multiple of batch_size.
+
+    Every rank gets the same number of batches. shuffle (train): a permutation shared by all ranks,
+    dealt round-robin; the remainder that does not fill a batch on every rank is dropped (a
+    different remainder each epoch); if the data is smaller than one global batch it is repeated.
+    No shuffle (val/test): video i goes to rank i % world_size; short ranks are padded with
+    repeats marked invalid, so each video is counted exactly once over all ranks.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if shuffle:
+        num_batches = max(1, num_videos // (batch_size * world_size))
+        order = np.resize(rng.permutation(num_videos), num_batches * batch_size * world_size)
+        rows = order[rank::world_size]
+        return rows, np.ones(len(rows), dtype=bool)
+    rows = np.arange(rank, num_videos, world_size)
+    per_rank = -(-num_videos // world_size)  # ceil: the longest rank's share
+    num_batches = max(1, -(-per_rank // batch_size))
+    pad = num_batches * batch_size - len(rows)
+    filler = rows[:1] if len(rows) else np.zeros(1, dtype=np.int64)
+    valid = np.concatenate([np.ones(len(rows), dtype=bool), np.zeros(pad, dtype=bool)])
+    return np.concatenate([rows, np.resize(filler, pad)]), valid
+
+
+def make_plan(samples: list[Sample], spec: ClipSpec, batch_size: int, *, rank: int, world_size: int,
+              seed: int, epoch: int, skipped: frozenset = frozenset()) -> EpochPlan:
+    """Plan one epoch; samples in `skipped` are replaced (train) or padded out as invalid (val/test)."""
+    rng = np.random.default_rng([seed, epoch, rank])
+    rows, valid = rank_rows(len(samples), batch_size, rank, world_size, shuffle=spec.train, rng=rng)
+    rows, valid = _replace_skipped(rows, valid, len(samples), skipped, spec.train)
+    num_rows, num_views = len(rows), spec.num_views
+    plan = EpochPlan(batch_size=batch_size, sample=rows, valid=valid,
+                     frames=np.zeros((num_rows, spec.frames_per_video), np.int32),
+                     roi=np.zeros((num_rows, num_views, 4), np.float32),
+                     mirror=np.zeros((num_rows, num_views), np.int32),
+                     saturation=np.ones((num_rows, num_views), np.float32),
+                     label=np.zeros((num_rows, num_views), np.int64), skipped=set(skipped))
+    for r, index in enumerate(rows):
+        _plan_video(plan, r, samples[index], spec, rng)
+    return plan
+
+
+def _replace_skipped(rows, valid, num_videos, skipped, train):
+    if not skipped:
+        return rows, valid
+    good = np.array([i for i in range(num_videos) if i not in skipped])
+    if len(good) == 0:
+        raise RuntimeError("every sample of the split failed to decode")
+    bad = np.isin(rows, list(skipped))
+    if train:  # the next good video takes the bad one's place
+        rows = rows.copy()
+        rows[bad] = good[np.searchsorted(good, rows[bad]) % len(good)]
+        return rows, valid
+    return np.where(bad, good[0], rows), valid & ~bad
+
+
+def _plan_video(plan: EpochPlan, r: int, sample: Sample, spec: ClipSpec, rng: np.random.Generator) -> None:
+    n, t = sample.num_frames, spec.num_segments
+    if spec.train:
+        centres = sampling.train_centres(n, t, rng)[None]  # (1, T)
+    elif spec.split == "val":
+        centres = sampling.val_centres(n, t)[None]
+    else:
+        centres = sampling.test_centres(n, t, spec.num_clips)  # (K, T)
+    plan.frames[r] = sampling.window(centres, n).reshape(-1)  # (K*T*5,)
+    stored = (sample.height, sample.width)
+    scaled = augment.scaled_size(*stored, spec.resize)
+    if spec.train:
+        for v in range(spec.num_views):
+            plan.roi[r, v] = augment.to_stored_roi(augment.random_resized_crop(*scaled, rng), scaled, stored)
+            flipped = spec.flip != "none" and rng.random() < 0.5
+            plan.mirror[r, v] = flipped
+            plan.label[r, v] = spec.label_map.get(sample.label, sample.label) if flipped else sample.label
+            if spec.grayscale_prob > 0 and rng.random() < spec.grayscale_prob:
+                plan.saturation[r, v] = 0.0
+        return
+    size = spec.image_size
+    for v, (y, x, mirror) in enumerate(augment.test_crops(*scaled, size, spec.num_views)):
+        plan.roi[r, v] = augment.to_stored_roi((y, x, size, size), scaled, stored)
+        plan.mirror[r, v] = mirror
+    plan.label[r] = sample.label

@@ -1,6 +1,7 @@
 """The plan of one epoch on one rank: which videos, which frames, which crops, in which batch.
 
-Everything random is drawn here, in numpy, from (seed, epoch, rank), so the plan of an epoch
+Everything random is drawn here, in numpy, from (seed, epoch) for the shuffle shared by all
+ranks and (seed, epoch, rank) for frames and crops, so the plan of an epoch
 is a pure function of those numbers: that makes runs deterministic and lets a resumed run
 continue mid-epoch with exactly the batches it would have seen (DALI's own RNG is used only
 by RandAugment).
@@ -121,8 +122,9 @@ def rank_rows(num_videos: int, batch_size: int, rank: int, world_size: int, *, s
 def make_plan(samples: list[Sample], spec: ClipSpec, batch_size: int, *, rank: int, world_size: int,
               seed: int, epoch: int, skipped: frozenset = frozenset()) -> EpochPlan:
     """Plan one epoch; samples in `skipped` are replaced (train) or padded out as invalid (val/test)."""
-    rng = np.random.default_rng([seed, epoch, rank])
-    rows, valid = rank_rows(len(samples), batch_size, rank, world_size, shuffle=spec.train, rng=rng)
+    shuffle_rng = np.random.default_rng([seed, epoch])  # the same permutation on every rank
+    rows, valid = rank_rows(len(samples), batch_size, rank, world_size, shuffle=spec.train, rng=shuffle_rng)
+    rng = np.random.default_rng([seed, epoch, rank, 1])  # this rank's frames and crops
     rows, valid = _replace_skipped(rows, valid, len(samples), skipped, spec.train)
     num_rows, num_views = len(rows), spec.num_views
     plan = EpochPlan(batch_size=batch_size, sample=rows, valid=valid,

@@ -6,14 +6,12 @@ scans the tar. With `video` shards it fetches the one `.webm` member.
 """
 
 import io
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-LAYOUTS = ("frames", "video")
+from shards.manifest import read_index, read_manifest
 
 
 class ShardReadError(RuntimeError):
@@ -35,20 +33,12 @@ class Sample:
 
 
 def shard_paths(shards: str | os.PathLike | list, split: str) -> list[str]:
-    """Tar paths of `split`: from `<dir>/<split>.manifest.json`, or `shards` itself when it is a list."""
+    """Tar paths of `split`: from `<dir>/<split>.manifest.json` (validated), or `shards` itself when a list."""
     if isinstance(shards, (list, tuple)):
         if not shards:
             raise ValueError("shards: the list of tar paths is empty")
         return [str(p) for p in shards]
-    directory = Path(shards)
-    manifest_path = directory / f"{split}.manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: no manifest for split {split!r}; write the shards with "
-                                f"tools/make_shards.py --split {split}, or pass a list of tar paths")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != "tdsclip-shards":
-        raise ValueError(f"{manifest_path}: not a tdsclip shard manifest (format={manifest.get('format')!r})")
-    return [str(directory / entry["tar"]) for entry in manifest["shards"]]
+    return [str(p) for p in read_manifest(shards, split).tar_paths()]
 
 
 def index_path(tar: str) -> str:
@@ -59,42 +49,22 @@ def index_path(tar: str) -> str:
 
 
 def read_samples(tars: list[str]) -> list[Sample]:
-    """Every sample of the given shards, in shard order, read from the per-shard indexes."""
+    """Every sample of the given shards, in shard order, from the per-shard indexes (validated by shards/)."""
     samples = []
     for tar in tars:
-        path = index_path(tar)
         if not os.path.isfile(tar):
             raise FileNotFoundError(f"{tar}: shard not found")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: index of shard {tar} not found; rewrite the shard with tools/make_shards.py")
-        index = json.loads(Path(path).read_text())
-        if index.get("format") != "tdsclip-shard-index":
-            raise ValueError(f"{path}: not a tdsclip shard index (format={index.get('format')!r})")
-        for entry in index["samples"]:
-            samples.append(_sample(tar, path, entry))
+        for entry in read_index(index_path(tar)):
+            ranges = entry.frames if entry.layout == "frames" else [entry.video]
+            samples.append(Sample(tar=str(entry.tar), key=entry.key, label=entry.label,
+                                  num_frames=entry.num_frames, height=entry.height, width=entry.width,
+                                  layout=entry.layout, ranges=np.asarray(ranges, dtype=np.int64)))
     if not samples:
         raise ValueError(f"no samples in shards {tars[:3]}{'...' if len(tars) > 3 else ''}")
     layouts = {s.layout for s in samples}
     if len(layouts) > 1:
         raise ValueError(f"shards mix layouts {sorted(layouts)}; use one layout per split")
     return samples
-
-
-def _sample(tar: str, path: str, entry: dict) -> Sample:
-    key = entry.get("key", "?")
-    try:
-        layout = entry["layout"]
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
-        ranges = np.asarray(entry["frames"] if layout == "frames" else [entry["video"]], dtype=np.int64)
-        if layout == "frames" and ranges.shape != (entry["num_frames"], 2):
-            raise ValueError(f"{len(ranges)} frame ranges for num_frames={entry['num_frames']}")
-        if entry["num_frames"] < 1:
-            raise ValueError("num_frames must be >= 1")
-        return Sample(tar=tar, key=key, label=int(entry["label"]), num_frames=int(entry["num_frames"]),
-                      height=int(entry["height"]), width=int(entry["width"]), layout=layout, ranges=ranges)
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: sample {key!r}: bad index entry ({error!r})") from None
 
 
 class ShardFiles:

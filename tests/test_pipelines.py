@@ -141,3 +141,188 @@ def test_train_batch_shapes_dtype_and_expected_frames(frame_shards):
             np.testing.assert_array_equal(got[v], frames)
             seen.append(key)
     assert sorted(set(seen)) == [f"v{i:03d}" for i in range(6)]
+
+
+def test_test_split_views_adjacent_expected_frames_and_valid(frame_shards):
+    data = pipelines.loader(frame_shards, "test", batch_size=2, num_segments=4, test_crops=3, test_clips=2,
+                            num_threads=1, **SIZE)
+    batches = list(data)
+    assert len(data) == 3 and data.num_samples == 5 and data.views == 6
+    expected = sampling.window(sampling.test_centres(30, 4, 2), 30)  # (K=2, T, 5)
+    for batch in batches:
+        assert batch["clips"].shape == (12, 4, 5, 3, 16, 16)
+        got = decoded_indices(batch["clips"]).reshape(2, 3, 2, 4, 5)  # (videos, crops, clips, T, 5)
+        for video in got:
+            for crop in video:
+                np.testing.assert_array_equal(crop, expected)
+    keys = [k for b in batches for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
+    assert keys == [f"v{i:03d}" for i in range(5) for _ in range(6)]
+    assert batches[-1]["valid"].tolist() == [True] * 6 + [False] * 6
+    labels = torch.cat([b["label"] for b in batches])[:30].view(5, 6)
+    assert (labels == torch.tensor([i % 3 for i in range(5)])[:, None]).all()
+
+
+def test_val_uses_val_centres_and_one_view(frame_shards):
+    data = pipelines.loader([str(p) for p in sorted(frame_shards.glob("test-*.tar"))], "val", batch_size=4,
+                            num_segments=8, num_threads=1, **SIZE)
+    batch = next(iter(data))
+    assert batch["clips"].shape == (4, 8, 5, 3, 16, 16)
+    expected = sampling.window(sampling.val_centres(30, 8), 30)
+    for got in decoded_indices(batch["clips"]):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_normalization_matches_clip_mean_std(tmp_path):
+    color = np.zeros((24, 32, 3), np.uint8) + np.array([200, 50, 100], np.uint8)
+    write_shards(tmp_path, "val", [{"key": "c", "label": 0, "frames": [color] * 6}])
+    clips = next(iter(pipelines.loader(tmp_path, "val", 1, num_segments=1, num_threads=1, **SIZE)))["clips"]
+    expected = (torch.tensor([200, 50, 100]) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    got = clips.mean(dim=(0, 1, 2, 4, 5))
+    assert torch.allclose(got, expected, atol=0.05), (got, expected)
+
+
+def test_flip_swaps_labels_exactly_when_mirrored(tmp_path):
+    videos = [{"key": f"g{i}", "label": i % 2, "frames": [gradient_image()] * 8} for i in range(8)]
+    write_shards(tmp_path, "train", videos)
+    data = pipelines.loader(tmp_path, "train", 4, num_segments=1, num_sample=2, flip="swap",
+                            flip_label_map={0: 1, 1: 0}, num_threads=1, seed=5, **SIZE)
+    flips = []
+    for batch in data:
+        frame = batch["clips"][:, 0, 2, 0]  # (B, S, S) red channel of one frame per view
+        mirrored = (frame[:, :, :4].mean((1, 2)) > frame[:, :, -4:].mean((1, 2))).tolist()
+        true_label = [int(k[1:]) % 2 for k in batch["key"]]
+        for flipped, label, truth in zip(mirrored, batch["label"].tolist(), true_label):
+            assert label == (1 - truth if flipped else truth)
+        flips += mirrored
+    assert 0 < sum(flips) < len(flips)
+
+
+def test_grayscale_is_per_clip_luma(tmp_path):
+    color = np.zeros((24, 32, 3), np.uint8) + np.array([200, 50, 100], np.uint8)
+    write_shards(tmp_path, "train", [{"key": "c", "label": 0, "frames": [color] * 6}])
+    batch = next(iter(pipelines.loader(tmp_path, "train", 1, num_segments=2, grayscale_prob=1.0,
+                                       num_threads=1, **SIZE)))
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    pixels = (batch["clips"] * std + mean) * 255  # (1, T, 5, 3, S, S)
+    luma = 0.299 * 200 + 0.587 * 50 + 0.114 * 100
+    assert torch.allclose(pixels.mean(dim=(0, 1, 2, 4, 5)), torch.full((3,), luma), atol=4)
+
+
+def test_randaugment_draws_once_per_clip(tmp_path):
+    videos = [{"key": f"g{i}", "label": 0, "frames": [gradient_image()] * 10} for i in range(3)]
+    write_shards(tmp_path, "train", videos)
+    data = pipelines.loader(tmp_path, "train", 3, num_segments=2, randaugment="rand-m9-n4-mstd0.5",
+                            num_threads=1, **SIZE)
+    assert data.mode == "stack"
+    clips = next(iter(data))["clips"].flatten(1, 2)  # (B, 10, 3, S, S): every frame of a video is the same image
+    assert (clips == clips[:, :1]).all()
+    plain = next(iter(pipelines.loader(tmp_path, "train", 3, num_segments=2, num_threads=1, **SIZE)))["clips"]
+    assert not torch.equal(plain.flatten(1, 2), clips)  # same crops (same plan), RandAugment changed them
+
+
+def test_stack_mode_decodes_the_expected_frames(frame_shards):
+    data = pipelines.loader(frame_shards, "train", batch_size=3, num_segments=4, seed=1, num_threads=1, **SIZE)
+    data.mode = "stack"
+    batch = next(iter(data))
+    for got, frames in zip(decoded_indices(batch["clips"]), data._plan(0).frames[:3]):
+        np.testing.assert_array_equal(got, frames.reshape(4, 5))
+
+
+def test_video_layout_decodes_the_expected_frames(tmp_path):
+    write_shards(tmp_path, "train", indexed_videos(3, frames=[30, 20, 6]), layout="video")
+    data = pipelines.loader(tmp_path, "train", 3, num_segments=4, num_threads=1, seed=2, **SIZE)
+    assert data.mode == "video"
+    batch = next(iter(data))
+    rows = {data.samples[i].key: r for r, i in enumerate(data._plan(0).sample)}
+    for got, key in zip(decoded_indices(batch["clips"]), batch["key"]):
+        np.testing.assert_array_equal(got, data._plan(0).frames[rows[key]].reshape(4, 5))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_test_split_counts_every_video_once_across_ranks(frame_shards, world_size):
+    lengths, keys = set(), []
+    for rank in range(world_size):
+        data = pipelines.loader(frame_shards, "test", 1, num_segments=2, rank=rank, world_size=world_size,
+                                num_threads=1, **SIZE)
+        lengths.add(len(data))
+        plan = data._plan(0)
+        keys += [data.samples[i].key for i, ok in zip(plan.sample, plan.valid) if ok]
+    assert len(lengths) == 1
+    assert sorted(keys) == [f"v{i:03d}" for i in range(5)]
+
+
+def test_train_ranks_are_disjoint_equal_and_reshuffled_per_epoch(tmp_path):
+    write_shards(tmp_path, "train", indexed_videos(10, frames=6))
+    loaders = [pipelines.loader(tmp_path, "train", 2, num_segments=2, rank=r, world_size=2, seed=7, **SIZE)
+               for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) == 2  # 10 videos, 2 ranks x 2 per batch: 8 used, 2 dropped
+    orders = []
+    for epoch in range(2):
+        shares = [list(d._plan(epoch).sample) for d in loaders]
+        assert not set(shares[0]) & set(shares[1]) and len(shares[0]) == len(shares[1]) == 4
+        orders.append(shares)
+    assert orders[0] != orders[1]
+
+
+def test_same_seed_same_batches_other_seed_other_batches(frame_shards):
+    def first(seed):
+        return next(iter(pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=seed, num_threads=1,
+                                          **SIZE)))
+    a, b, c = first(11), first(11), first(12)
+    assert a["key"] == b["key"] and torch.equal(a["clips"], b["clips"])
+    assert a["key"] != c["key"] or not torch.equal(a["clips"], c["clips"])
+
+
+def test_resume_mid_epoch_and_at_epoch_boundary(frame_shards):
+    def make():
+        return pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=4, num_threads=1, **SIZE)
+
+    full = make()
+    reference = list(full) + list(full)  # epochs 0 and 1 (the loader moves on by itself)
+    assert full.state_dict()["epoch"] == 2
+    first = make()
+    batches = iter(first)
+    next(batches)
+    state = first.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 1)
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(0)  # what a trainer does at the top of the epoch: must not rewind
+    rest = list(resumed)
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["position"] == 0
+    rest += list(resumed)
+    assert len(rest) == len(reference) - 1
+    for got, want in zip(rest, reference[1:]):
+        assert got["key"] == want["key"] and torch.equal(got["clips"], want["clips"])
+
+
+def _corrupt(directory: Path, key: str, frame: int) -> None:
+    index = json.loads(next(p for p in directory.glob("*.index.json")
+                            if key in p.read_text()).read_text())
+    entry = next(s for s in index["samples"] if s["key"] == key)
+    offset, size = entry["frames"][frame]
+    with open(directory / index["tar"], "r+b") as tar:
+        tar.seek(offset)
+        tar.write(b"\x00" * size)
+
+
+@pytest.fixture
+def broken_shards(tmp_path):
+    write_shards(tmp_path, "test", indexed_videos(4, frames=6))
+    for frame in range(6):
+        _corrupt(tmp_path, "v002", frame)
+    return tmp_path
+
+
+def test_decode_error_names_shard_and_key(broken_shards):
+    data = pipelines.loader(broken_shards, "test", 2, num_segments=2, num_threads=1, **SIZE)
+    with pytest.raises(pipelines.ShardReadError, match=r"test-000000\.tar: sample 'v002'"):
+        list(data)
+
+
+def test_decode_error_skip_counts_and_marks_invalid(broken_shards):
+    data = pipelines.loader(broken_shards, "test", 2, num_segments=2, num_threads=1, on_error="skip", **SIZE)
+    batches = list(data)
+    assert [s.rsplit(":", 1)[1] for s in data.skipped] == ["v002"]
+    valid = [k for b in batches for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
+    assert valid == ["v000", "v001", "v003"]

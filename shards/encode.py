@@ -1,0 +1,253 @@
+"""Turning one input (a video file or a frame folder) into one verified shard sample.
+
+Frames are decoded with PyAV (FFmpeg), resized to a fixed short side with swscale, and stored either
+as one VP9 WebM stream (layout `video`) or as one JPEG per frame (layout `frames`, libjpeg-turbo via
+Pillow). Frame folders that already hold JPEGs go into layout `frames` as they are, without re-encoding.
+Frame i of the sample is frame i of the source. Every sample is decoded back once and its frame count
+checked before it is accepted; any failure becomes a `Rejection` with a reason instead of an exception,
+so one bad input never stops a run.
+"""
+
+import io
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator
+
+import av
+from PIL import Image
+
+from shards import format as fmt
+from shards.manifest import Rejection
+from shards.sources import Source
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+DEFAULT_FPS = 30.0
+RESIZE_INTERPOLATION = "AREA"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeOptions:
+    """How samples are stored; the defaults are the ones docs/shards.md chose by measurement."""
+
+    layout: str = "frames"
+    short_side: int = 256  # 0 keeps the source size
+    quality: int = 75  # JPEG quality, layout frames
+    crf: int = 32  # VP9 constant quality, layout video
+    gop: int = 32  # VP9 keyframe interval, layout video
+    speed: int = 6  # libvpx cpu-used, layout video
+    folder_fps: float = DEFAULT_FPS  # frame folders carry no frame rate
+    image_tmpl: str = "img_{:05d}.jpg"
+
+    def __post_init__(self):
+        if self.layout not in fmt.LAYOUTS:
+            raise ValueError(f"layout must be one of {fmt.LAYOUTS}, got {self.layout!r}")
+        if self.short_side < 0 or self.short_side % 2:
+            raise ValueError(f"short_side must be 0 (keep) or a positive even number, got {self.short_side}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100, got {self.quality}")
+        if not 0 <= self.crf <= 63:
+            raise ValueError(f"crf must be in 0..63, got {self.crf}")
+        if self.gop < 1:
+            raise ValueError(f"gop must be >= 1, got {self.gop}")
+        if not 0 <= self.speed <= 8:
+            raise ValueError(f"speed must be in 0..8, got {self.speed}")
+        if self.folder_fps <= 0:
+            raise ValueError(f"folder_fps must be > 0, got {self.folder_fps}")
+        try:
+            self.image_tmpl.format(1)
+        except (IndexError, KeyError, ValueError) as error:
+            raise ValueError(f"image_tmpl {self.image_tmpl!r} must format one frame number ({error})") from None
+
+    def encoding(self) -> dict[str, Any]:
+        """The parameters recorded in the manifest."""
+        common = {"short_side": self.short_side, "resize": RESIZE_INTERPOLATION.lower()}
+        if self.layout == "video":
+            return {"codec": "vp9", "container": "webm", "pix_fmt": "yuv420p", "crf": self.crf, "gop": self.gop,
+                    "speed": self.speed, **common}
+        return {"codec": "jpeg", "quality": self.quality, "frame_folders": "jpeg copied as stored", **common}
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """A verified sample: its metadata and either `video` bytes or one JPEG per frame."""
+
+    meta: dict[str, Any]
+    video: bytes | None = None
+    frames: list[bytes] | None = None
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.video) if self.video is not None else sum(len(f) for f in self.frames)
+
+
+class _Reject(Exception):
+    """Raised inside encoding with the reason the input is rejected."""
+
+
+def encode_source(source: Source, root: Path, options: EncodeOptions) -> EncodedSample | Rejection:
+    """Encode and verify one input; every failure comes back as a Rejection naming the cause."""
+    try:
+        if source.is_frame_folder:
+            return _encode_folder(source, Path(root) / source.path, options)
+        return _encode_video_file(source, Path(root) / source.path, options)
+    except _Reject as reason:
+        return Rejection(source=source.path, reason=str(reason))
+    except (av.FFmpegError, OSError, ValueError, RuntimeError) as error:
+        return Rejection(source=source.path, reason=f"undecodable: {type(error).__name__}: {error}")
+
+
+def target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side `short_side` and the long side scaled to the nearest even number."""
+    if short_side == 0:
+        return width, height
+    if width <= height:
+        return short_side, max(2, 2 * round(height * short_side / width / 2))
+    return max(2, 2 * round(width * short_side / height / 2)), short_side
+
+
+def _meta(source: Source, layout: str, num_frames: int, fps: float, width: int, height: int) -> dict[str, Any]:
+    return {"key": source.key, "label": source.label, "num_frames": num_frames, "fps": fps, "width": width,
+            "height": height, "source": source.path, "layout": layout}
+
+
+def _open_video(path: Path) -> av.container.InputContainer:
+    if not path.exists():
+        raise _Reject(f"missing: {path} not found")
+    if not path.is_file():
+        raise _Reject(f"unreadable: {path} is not a file")
+    if path.stat().st_size == 0:
+        raise _Reject(f"empty: {path} has 0 bytes")
+    try:
+        return av.open(str(path))
+    except PermissionError as error:
+        raise _Reject(f"unreadable: {error}") from None
+    except av.FFmpegError as error:
+        raise _Reject(f"undecodable: not a readable video ({error})") from None
+
+
+def _encode_video_file(source: Source, path: Path, options: EncodeOptions) -> EncodedSample:
+    with _open_video(path) as container:
+        if not container.streams.video:
+            raise _Reject("undecodable: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FPS)
+        try:
+            frames = container.decode(stream)
+            return _encode_frames(source, frames, Fraction(rate), options)
+        except av.FFmpegError as error:
+            raise _Reject(f"undecodable: {error}") from None
+
+
+def _encode_frames(source: Source, frames: Iterator[av.VideoFrame], rate: Fraction,
+                   options: EncodeOptions) -> EncodedSample:
+    """Resize and encode decoded frames in the chosen layout, then verify."""
+    first = next(frames, None)
+    if first is None:
+        raise _Reject("empty: no video frames decode")
+    width, height = target_size(first.width, first.height, options.short_side)
+    stream = _chain(first, frames)
+    if options.layout == "video":
+        video, count = _encode_vp9(stream, width, height, rate, options)
+        _verify_video(video, count, width, height)
+        return EncodedSample(_meta(source, "video", count, float(rate), width, height), video=video)
+    jpegs = [_encode_jpeg(f.reformat(width, height, "rgb24", interpolation=RESIZE_INTERPOLATION).to_image(),
+                          options.quality) for f in stream]
+    _verify_jpegs(jpegs, len(jpegs), width, height)
+    return EncodedSample(_meta(source, "frames", len(jpegs), float(rate), width, height), frames=jpegs)
+
+
+def _chain(first: av.VideoFrame, rest: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
+    yield first
+    yield from rest
+
+
+def _encode_vp9(frames: Iterator[av.VideoFrame], width: int, height: int, rate: Fraction,
+                options: EncodeOptions) -> tuple[bytes, int]:
+    """One VP9 stream in WebM, a frame per source frame (pts = index). Single-threaded and bitexact so
+    the bytes depend on the input alone (reruns and any --workers give identical shards)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm", container_options={"fflags": "+bitexact"}) as out:
+        stream = out.add_stream("libvpx-vp9", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = 1 / rate
+        stream.codec_context.gop_size = options.gop
+        stream.codec_context.flags |= av.codec.context.Flags.bitexact
+        stream.options = {"crf": str(options.crf), "b": "0", "cpu-used": str(options.speed),
+                          "deadline": "good", "threads": "1"}
+        count = 0
+        for frame in frames:
+            frame = frame.reformat(width, height, "yuv420p", interpolation=RESIZE_INTERPOLATION)
+            frame.pts, frame.time_base = count, stream.codec_context.time_base
+            out.mux(stream.encode(frame))
+            count += 1
+        out.mux(stream.encode(None))
+    return buffer.getvalue(), count
+
+
+def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _verify_video(data: bytes, expected: int, width: int, height: int) -> None:
+    with av.open(io.BytesIO(data)) as container:
+        frames = list(container.decode(video=0))
+    if len(frames) != expected:
+        raise _Reject(f"verify: the encoded video decodes to {len(frames)} frames, the source has {expected}")
+    if (frames[0].width, frames[0].height) != (width, height):
+        raise _Reject(f"verify: the encoded video is {frames[0].width}x{frames[0].height}, not {width}x{height}")
+
+
+def _verify_jpegs(jpegs: list[bytes], expected: int, width: int, height: int) -> None:
+    if len(jpegs) != expected:
+        raise _Reject(f"verify: {len(jpegs)} JPEG frames, the source has {expected}")
+    for i, data in enumerate(jpegs):
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.size != (width, height):
+                raise _Reject(f"verify: frame {i} is {image.size[0]}x{image.size[1]}, not {width}x{height}")
+
+
+def _folder_frame(folder: Path, index: int, tmpl: str) -> tuple[Path, bytes]:
+    path = folder / tmpl.format(index + 1)  # frame files are numbered from 1
+    try:
+        return path, path.read_bytes()
+    except FileNotFoundError:
+        raise _Reject(f"missing: frame {index + 1} ({path}) not found") from None
+    except OSError as error:
+        raise _Reject(f"unreadable: frame {path}: {error}") from None
+
+
+def _decode_image(path: Path, data: bytes) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise _Reject(f"undecodable: frame {path}: {error}") from None
+
+
+def _encode_folder(source: Source, folder: Path, options: EncodeOptions) -> EncodedSample:
+    if not folder.is_dir():
+        raise _Reject(f"missing: frame folder {folder} not found")
+    if source.num_frames < 1:
+        raise _Reject(f"empty: the list gives {source.num_frames} frames")
+    rate = Fraction(options.folder_fps).limit_denominator(1001)
+    if options.layout == "video":
+        images = (_decode_image(*_folder_frame(folder, i, options.image_tmpl)) for i in range(source.num_frames))
+        frames = (av.VideoFrame.from_image(image) for image in images)
+        return _encode_frames(source, frames, rate, options)
+    jpegs, size = [], None
+    for i in range(source.num_frames):
+        path, data = _folder_frame(folder, i, options.image_tmpl)
+        image = _decode_image(path, data)  # every stored frame is decoded once
+        size = size or image.size
+        if image.size != size:
+            raise _Reject(f"undecodable: frame {path} is {image.size[0]}x{image.size[1]}, "
+                          f"frame 1 is {size[0]}x{size[1]}")
+        jpegs.append(data if data.startswith(JPEG_MAGIC) else _encode_jpeg(image, options.quality))
+    meta = _meta(source, "frames", len(jpegs), float(rate), size[0], size[1])
+    return EncodedSample(meta, frames=jpegs)

@@ -1,0 +1,147 @@
+"""Pack a video dataset into webdataset tar shards that DALI decodes on GPU and CPU.
+
+    python tools/make_shards.py LIST --root DIR --out DIR [--split train] [--labels CSV]
+        [--layout frames|video] [--short-side 256] [--quality 75 | --crf 32 --gop 32]
+        [--shard-size 1GB] [--workers N] [--seed 0] [--image-tmpl img_{:05d}.jpg] [--strict]
+
+LIST holds raw videos (`<path> <label>`) or frame folders (`<folder> <num frames> <label>`), paths
+relative to --root. Writes OUT/<split>-NNNNNN.tar + .index.json and OUT/<split>.manifest.json
+(docs/shard_format.md). Inputs that cannot be packed are listed in the manifest and summarized; the run
+goes on (--strict: exit status 1 if any). Rerunning an interrupted command keeps its finished shards.
+"""
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shards.build import BuildError, build_split  # noqa: E402
+from shards.encode import EncodedSample, EncodeOptions  # noqa: E402
+from shards.manifest import Manifest  # noqa: E402
+from shards.sources import ListFormatError, class_names, read_labels, read_list  # noqa: E402
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'1GB', '500MB', '64MiB' or a byte count -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1GB, 500MB, 64MiB or 1000000")
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the shard size must be positive")
+    return size
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = EncodeOptions()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("list", type=Path, help="list file: '<video> <label>' or '<folder> <num frames> <label>' lines")
+    p.add_argument("--root", type=Path, required=True, help="directory the list's paths are relative to")
+    p.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
+    p.add_argument("--split", default="train", help="split name: file prefix and manifest name (default train)")
+    p.add_argument("--labels", type=Path, help="CSV of 'id,name' rows; class names for the manifest")
+    p.add_argument("--layout", choices=["frames", "video"], default=defaults.layout,
+                   help=f"one JPEG per frame or one VP9 WebM per video (default {defaults.layout}; docs/shards.md)")
+    p.add_argument("--short-side", type=int, default=defaults.short_side,
+                   help=f"resize so the short side is this many pixels, 0 keeps the size (default "
+                        f"{defaults.short_side}; frame-folder JPEGs in layout frames are stored as they are)")
+    p.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality, layout frames")
+    p.add_argument("--codec", choices=["vp9"], default="vp9",
+                   help="video codec, layout video (VP9: the one codec both DALI backends decode)")
+    p.add_argument("--crf", type=int, default=defaults.crf, help="VP9 constant quality 0-63, layout video")
+    p.add_argument("--gop", type=int, default=defaults.gop, help="VP9 keyframe interval, layout video")
+    p.add_argument("--speed", type=int, default=defaults.speed, help="libvpx cpu-used 0-8, layout video")
+    p.add_argument("--image-tmpl", default=defaults.image_tmpl, help="frame file names in frame folders, from 1")
+    p.add_argument("--fps", type=float, default=defaults.folder_fps, help="frame rate recorded for frame folders")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="target shard size (1GB)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (all cores)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 if any input is rejected")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    return args
+
+
+class RateColumn(ProgressColumn):
+    """Videos/s and MB/s written, over the time since this run started."""
+
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        if elapsed <= 0:
+            return Text("- videos/s  - MB/s", style="progress.data.speed")
+        done = task.completed - task.fields["resumed"]
+        return Text(f"{done / elapsed:.1f} videos/s  {task.fields['bytes'] / elapsed / 1e6:.1f} MB/s",
+                    style="progress.data.speed")
+
+
+def summarize(console: Console, manifest: Manifest, seconds: float) -> None:
+    total = sum(s.bytes for s in manifest.shards)
+    console.print(f"{manifest.split}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
+                  f"{total / 1e9:.2f} GB, layout {manifest.layout}, {seconds:.0f} s -> {manifest.directory}")
+    if manifest.build.get("resumed_from"):
+        console.print(f"resumed: {manifest.build['resumed_from']} inputs were done by an earlier run")
+    if manifest.rejected:
+        console.print(f"[yellow]{len(manifest.rejected)} inputs rejected[/] (all listed in the manifest):")
+        for r in manifest.rejected[:20]:
+            console.print(f"  {r.source}: {r.reason}", markup=False, highlight=False)
+        if len(manifest.rejected) > 20:
+            console.print(f"  ... and {len(manifest.rejected) - 20} more")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        options = EncodeOptions(layout=args.layout, short_side=args.short_side, quality=args.quality,
+                                crf=args.crf, gop=args.gop, speed=args.speed, folder_fps=args.fps,
+                                image_tmpl=args.image_tmpl)
+        sources = read_list(args.list)
+        classes = class_names(sources, read_labels(args.labels) if args.labels else None, str(args.list))
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/] {error}", highlight=False)
+        return 2
+    if not args.root.is_dir():
+        console.print(f"[red]error:[/] --root {args.root} is not a directory", highlight=False)
+        return 2
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+               TextColumn("rejected {task.fields[rejected]}"), TimeRemainingColumn())
+    start = time.perf_counter()
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(args.split, total=len(sources), bytes=0, rejected=0, resumed=0)
+
+        def on_result(result) -> None:
+            task_fields = progress.tasks[task].fields
+            if isinstance(result, EncodedSample):
+                progress.update(task, advance=1, bytes=task_fields["bytes"] + result.num_bytes)
+            else:
+                progress.update(task, advance=1, rejected=task_fields["rejected"] + 1)
+
+        def on_start(done: int) -> None:
+            progress.reset(task, completed=done, bytes=0, rejected=0, resumed=done)
+
+        try:
+            manifest = build_split(sources, args.root, args.out, classes, options, split=args.split,
+                                   shard_size=args.shard_size, seed=args.seed, workers=args.workers,
+                                   on_start=on_start, on_result=on_result)
+        except (BuildError, ListFormatError, ValueError) as error:
+            progress.stop()
+            console.print(f"[red]error:[/] {error}", highlight=False)
+            return 2
+    summarize(console, manifest, time.perf_counter() - start)
+    return 1 if args.strict and manifest.rejected else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

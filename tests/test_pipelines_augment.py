@@ -1,0 +1,77 @@
+"""Crop windows (official positions) alone, and through the DALI graph on gradient frames."""
+
+import numpy as np
+import pytest
+import torch
+
+import pipelines
+from pipelines import augment
+from test_pipelines import SIZE, gradient_image, write_shards
+
+
+def test_scaled_size_follows_torchvision_resize_and_exact_sizes():
+    assert augment.scaled_size(24, 32, 256) == (256, 341)
+    assert augment.scaled_size(32, 24, 256) == (341, 256)
+    assert augment.scaled_size(240, 427, (256, 320)) == (256, 320)
+
+
+def test_test_crops_official_positions_and_order():
+    # scaled 256x341, crop 224: w_step = 29, h_step = 8
+    assert augment.test_crops(256, 341, 224, 1) == [(16, 58, False)]
+    assert augment.test_crops(256, 341, 224, 3) == [(16, 0, False), (16, 116, False), (16, 58, False)]
+    five = [(0, 0), (0, 116), (32, 0), (32, 116), (16, 58)]
+    assert augment.test_crops(256, 341, 224, 5) == [(y, x, False) for y, x in five]
+    assert augment.test_crops(256, 341, 224, 10) == [(y, x, m) for y, x in five for m in (False, True)]
+    with pytest.raises(ValueError, match="test_crops"):
+        augment.test_crops(256, 341, 224, 4)
+
+
+def test_random_resized_crop_stays_inside_with_official_area_and_aspect():
+    rng = np.random.default_rng(0)
+    areas = []
+    for _ in range(500):
+        y, x, h, w = augment.random_resized_crop(256, 341, rng)
+        assert 0 <= y and y + h <= 256 and 0 <= x and x + w <= 341
+        areas.append(h * w / (256 * 341))
+        assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05 or h == w == 256  # swapped sides stay in range
+    assert min(areas) >= 0.07 and max(areas) > 0.9
+
+
+def test_roi_maps_scaled_window_to_stored_pixels():
+    roi = augment.to_stored_roi((16, 58, 224, 224), scaled=(256, 341), stored=(480, 640))
+    np.testing.assert_allclose(roi, [30, 58 * 640 / 341, 240 * 480 / 256, 282 * 640 / 341], rtol=1e-6)
+
+
+def test_parse_randaugment():
+    assert augment.parse_randaugment("rand-m7-n4-mstd0.5") == (4, 7)
+    assert augment.parse_randaugment("rand-m9-n2-mstd0.5-inc1") == (2, 9)
+    with pytest.raises(ValueError, match="unknown part"):
+        augment.parse_randaugment("rand-m7-x4")
+
+
+@pytest.fixture(scope="module")
+def gradient_shards(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gradient")
+    write_shards(directory, "test", [{"key": "g", "label": 0, "frames": [gradient_image()] * 6}])
+    return directory
+
+
+def _mean_column(views: torch.Tensor) -> torch.Tensor:
+    """(V, S, S) of a left-to-right ramp -> (V,) the image x the view's centre came from."""
+    return views.mean(dim=(1, 2))
+
+
+def test_three_crops_are_left_right_centre(gradient_shards):
+    batch = next(iter(pipelines.loader(gradient_shards, "test", 1, num_segments=1, test_crops=3,
+                                       num_threads=1, **SIZE)))
+    left, right, centre = _mean_column(batch["clips"][:, 0, 2, 0]).tolist()
+    assert left < centre < right
+
+
+def test_ten_crops_alternate_plain_and_mirrored(gradient_shards):
+    batch = next(iter(pipelines.loader(gradient_shards, "test", 1, num_segments=1, test_crops=10,
+                                       num_threads=1, **SIZE)))
+    views = batch["clips"][:, 0, 2, 0]  # (10, S, S) red channel
+    increasing = (views[:, :, -3:].mean((1, 2)) > views[:, :, :3].mean((1, 2))).tolist()
+    assert increasing == [True, False] * 5
+    torch.testing.assert_close(views[1], views[0].flip(-1), atol=0.05, rtol=0)

@@ -6,7 +6,6 @@ normalized frame still says which frame it was.
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,9 @@ from PIL import Image
 import pipelines
 from pipelines import sampling
 from pipelines.augment import CLIP_MEAN, CLIP_STD
+from shards.encode import EncodedSample
+from shards.manifest import Manifest, write_json_atomic
+from shards.writer import ShardWriter
 
 SIZE = dict(image_size=16, resize=20)
 
@@ -53,52 +55,28 @@ def webm(frames: list[np.ndarray]) -> bytes:
 
 def write_shards(directory: Path, split: str, videos: list[dict], *, layout: str = "frames",
                  per_shard: int = 4) -> Path:
-    """Shards per docs/shard_format.md: videos are {"key", "label", "frames": [HxWx3 uint8]}."""
+    """Shards written by shards.writer: videos are {"key", "label", "frames": [HxWx3 uint8]}."""
     directory.mkdir(parents=True, exist_ok=True)
-    entries = []
+    records = []
     for number, first in enumerate(range(0, len(videos), per_shard)):
-        name = f"{split}-{number:06d}"
-        samples = []
-        with tarfile.open(directory / f"{name}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
-            for video in videos[first:first + per_shard]:
-                samples.append(_write_sample(tar, video, layout))
-        for sample in samples:  # offsets of data, known once members are written
-            sample["frames" if layout == "frames" else "video"] = _data_ranges(directory / f"{name}.tar", sample)
-            del sample["_members"]
-        index = {"format": "tdsclip-shard-index", "version": 1, "tar": f"{name}.tar", "samples": samples}
-        (directory / f"{name}.index.json").write_text(json.dumps(index))
-        entries.append({"tar": f"{name}.tar", "index": f"{name}.index.json", "num_samples": len(samples),
-                        "bytes": (directory / f"{name}.tar").stat().st_size, "sha256": ""})
-    manifest = {"format": "tdsclip-shards", "version": 1, "tool_version": "test", "split": split,
-                "layout": layout, "encoding": {}, "classes": [], "num_samples": len(videos),
-                "shards": entries, "rejected": []}
-    (directory / f"{split}.manifest.json").write_text(json.dumps(manifest))
+        writer = ShardWriter(directory, split, number)
+        for video in videos[first:first + per_shard]:
+            writer.add(_encoded(video, layout))
+        records.append(writer.close(build={}))
+    manifest = Manifest(split=split, layout=layout, encoding={}, classes=[], num_samples=len(videos),
+                        shards=records, rejected=[], tool_version="test")
+    write_json_atomic(directory / f"{split}.manifest.json", manifest.to_json())
     return directory
 
 
-def _write_sample(tar: tarfile.TarFile, video: dict, layout: str) -> dict:
+def _encoded(video: dict, layout: str) -> EncodedSample:
     frames, key = video["frames"], video["key"]
     height, width = frames[0].shape[:2]
     meta = {"key": key, "label": video["label"], "num_frames": len(frames), "fps": 25.0, "width": width,
             "height": height, "source": f"{key}.mp4", "layout": layout}
-    members = {f"{key}.json": json.dumps(meta).encode()}
     if layout == "frames":
-        members.update({f"{key}.{i:06d}.jpg": jpeg(image) for i, image in enumerate(frames)})
-    else:
-        members[f"{key}.webm"] = webm(frames)
-    for name, data in members.items():
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return {**{k: meta[k] for k in ("key", "label", "num_frames", "fps", "width", "height", "layout")},
-            "_members": [n for n in members if not n.endswith(".json")]}
-
-
-def _data_ranges(path: Path, sample: dict):
-    with tarfile.open(path) as tar:
-        found = {m.name: [m.offset_data, m.size] for m in tar.getmembers()}
-    ranges = [found[name] for name in sample["_members"]]
-    return ranges if sample["layout"] == "frames" else ranges[0]
+        return EncodedSample(meta=meta, frames=[jpeg(image) for image in frames])
+    return EncodedSample(meta=meta, video=webm(frames))
 
 
 def indexed_videos(count: int, frames: list[int] | int = 30, label_of=lambda i: i % 3) -> list[dict]:

@@ -108,7 +108,7 @@ def build_split(sources: list[Source], root: str | os.PathLike, out: str | os.Pa
 
     Resumes a run that stopped. For progress, `on_start` gets the number of inputs an earlier run already
     did, and `on_result` is called once per input encoded now.
-    Returns the manifest (it already counts inputs done by an earlier run: see `build['resumed_from']`).
+    Returns the manifest, identical to that of an uninterrupted run.
     """
     if not fmt.SPLIT_PATTERN.match(split):
         raise ValueError(f"split {split!r} must match {fmt.SPLIT_PATTERN.pattern}")
@@ -134,7 +134,7 @@ def build_split(sources: list[Source], root: str | os.PathLike, out: str | os.Pa
                         num_samples=sum(r.num_samples for r in records), shards=records, rejected=rejected,
                         tool_version=tool_version(),
                         build={"seed": seed, "shard_size": shard_size, "fingerprint": digest,
-                               "num_inputs": len(sources), "resumed_from": resume.position},
+                               "num_inputs": len(sources)},
                         directory=out)
     write_json_atomic(out / fmt.manifest_name(split), manifest.to_json())
     return manifest

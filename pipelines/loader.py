@@ -128,6 +128,10 @@ class Loader:
             return self._epoch + 1, 0
         return self._epoch, self._position
 
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The plan of `epoch` (default: the current one): videos, frames and crops of every batch."""
+        return self._plan(self._cursor()[0] if epoch is None else epoch)
+
     def _plan(self, epoch: int) -> EpochPlan:
         key = (epoch, frozenset(self._skipped_ids))
         if self._plan_cache is None or self._plan_cache[0] != key:
@@ -178,10 +182,12 @@ class Loader:
     def _assemble(self, outputs, plan: EpochPlan, batch_index: int) -> dict:
         rows = slice(batch_index * plan.batch_size, (batch_index + 1) * plan.batch_size)
         spec, size = self.spec, self.spec.image_size
-        views = torch.stack([_to_torch(out, self.device) for out in outputs])  # (O, B*F, 3, S, S) or (O, B, F, ...)
+        views = _to_torch(outputs, self.device)  # (O, B*F, 3, S, S) or (O, B, F, 3, S, S)
         # (O, B, K*T*5, 3, S, S) -> (B, O, K, T, 5, 3, S, S) -> (B*O*K, T, 5, 3, S, S)
         views = views.view(spec.num_views, plan.batch_size, spec.num_clips, spec.num_segments, 5, 3, size, size)
-        clips = views.transpose(0, 1).reshape(-1, spec.num_segments, 5, 3, size, size).to(self.dtype)
+        if spec.num_views > 1:
+            views = views.transpose(0, 1)
+        clips = views.reshape(-1, spec.num_segments, 5, 3, size, size).to(self.dtype)
         repeat = spec.num_clips
         labels = np.repeat(plan.label[rows], repeat, axis=1).reshape(-1)  # (B*O*K,)
         valid = np.repeat(plan.valid[rows], spec.num_views * repeat)
@@ -211,13 +217,14 @@ class Loader:
         self._skipped_ids.update(bad)
 
 
-def _to_torch(output, device: torch.device) -> torch.Tensor:
-    """A dense DALI TensorList as a torch tensor on `device` (one copy)."""
+def _to_torch(outputs, device: torch.device) -> torch.Tensor:
+    """O dense DALI TensorLists of one shape as one (O, ...) torch tensor on `device` (one copy each)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    tensor = output.as_tensor()
-    dtype = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16}[tensor.dtype]
-    result = torch.empty(tensor.shape(), dtype=dtype, device=device)
+    tensors = [output.as_tensor() for output in outputs]
+    dtype = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16}[tensors[0].dtype]
+    result = torch.empty((len(tensors), *tensors[0].shape()), dtype=dtype, device=device)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    feed_ndarray(tensor, result, cuda_stream=stream)
+    for view, tensor in zip(result, tensors):
+        feed_ndarray(tensor, view, cuda_stream=stream)
     return result

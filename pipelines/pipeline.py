@@ -17,7 +17,7 @@ from pipelines import augment
 from pipelines.source import ClipSource
 
 
-def _read(source: ClipSource, decode_device: str, parallel: bool):
+def read_clips(source: ClipSource, decode_device: str, parallel: bool):
     """Encoded inputs -> decoded uint8 frames (HWC per frame, or FHWC per clip) and the view params."""
     outputs = fn.external_source(source=source, num_outputs=source.num_outputs, batch=False,
                                  parallel=parallel)
@@ -44,22 +44,22 @@ def _output(images, mirror, dtype, mode: str):
 def train_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dtype, grayscale: bool,
                    randaugment: tuple[int, int] | None, parallel: bool = False):
     """O = num_sample training views per video: RRC (fused), [grayscale], [RandAugment], mirror, normalize."""
-    images, views = _read(source, decode_device, parallel)
+    images, views = read_clips(source, decode_device, parallel)
     outputs = []
-    for roi_start, roi_end, mirror, saturation in views:
+    for roi_start, roi_end, mirror, gray in views:
         view = augment.crop_resize(images, roi_start, roi_end, image_size, augment.INTERP["train"])
         if grayscale:
-            view = augment.grayscale(view, saturation)
+            view = augment.grayscale(view, gray)
         if randaugment is not None:
             view = augment.rand_augment(view, *randaugment, image_size)
         outputs.append(_output(view, mirror, dtype, source.mode))
     return tuple(outputs)
 
 
-@pipeline_def
+@pipeline_def(enable_conditionals=True)
 def eval_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dtype, parallel: bool = False):
     """O = test_crops views per video (1 for val): fixed crops of the scaled frame (fused), mirror, normalize."""
-    images, views = _read(source, decode_device, parallel)
+    images, views = read_clips(source, decode_device, parallel)
     return tuple(_output(augment.crop_resize(images, start, end, image_size, augment.INTERP["eval"]),
                          mirror, dtype, source.mode)
                  for start, end, mirror, _ in views)

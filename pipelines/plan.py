@@ -84,7 +84,7 @@ class EpochPlan:
     frames: np.ndarray  # (R, F) int32 frame indices, clip-major then segment then window
     roi: np.ndarray  # (R, O, 4) float32 [y0, x0, y1, x1] in stored-frame pixels
     mirror: np.ndarray  # (R, O) int32
-    saturation: np.ndarray  # (R, O) float32; 0 = grayscale
+    gray: np.ndarray  # (R, O) bool: convert to grayscale
     label: np.ndarray  # (R, O) int64, after the flip label swap
     skipped: set = field(default_factory=set)
 
@@ -131,7 +131,7 @@ def make_plan(samples: list[Sample], spec: ClipSpec, batch_size: int, *, rank: i
                      frames=np.zeros((num_rows, spec.frames_per_video), np.int32),
                      roi=np.zeros((num_rows, num_views, 4), np.float32),
                      mirror=np.zeros((num_rows, num_views), np.int32),
-                     saturation=np.ones((num_rows, num_views), np.float32),
+                     gray=np.zeros((num_rows, num_views), bool),
                      label=np.zeros((num_rows, num_views), np.int64), skipped=set(skipped))
     for r, index in enumerate(rows):
         _plan_video(plan, r, samples[index], spec, rng)
@@ -170,7 +170,7 @@ def _plan_video(plan: EpochPlan, r: int, sample: Sample, spec: ClipSpec, rng: np
             plan.mirror[r, v] = flipped
             plan.label[r, v] = spec.label_map.get(sample.label, sample.label) if flipped else sample.label
             if spec.grayscale_prob > 0 and rng.random() < spec.grayscale_prob:
-                plan.saturation[r, v] = 0.0
+                plan.gray[r, v] = True
         return
     size = spec.image_size
     for v, (y, x, mirror) in enumerate(augment.test_crops(*scaled, size, spec.num_views)):

@@ -5,7 +5,7 @@ Three modes, one per decode path (see pipelines/pipeline.py):
 - "stack": one DALI sample per video: (jpeg_0 .. jpeg_{F-1}, params...), stacked after decoding.
 - "video": one DALI sample per video: (webm, frame indices, params...).
 params are, for each of the O views: roi_start (y0, x0), roi_end (y1, x1), mirror, and
-saturation when the graph converts to grayscale.
+gray (bool) when the graph converts to grayscale.
 The callable is picklable (no open files, compact arrays) so DALI can run it in worker processes.
 """
 
@@ -28,7 +28,7 @@ class ClipSource:
         rows = plan.sample[first:]
         self.mode, self.grayscale = mode, grayscale
         self.frames = plan.frames[first:]  # (R, F)
-        self.roi, self.mirror, self.saturation = plan.roi[first:], plan.mirror[first:], plan.saturation[first:]
+        self.roi, self.mirror, self.gray = plan.roi[first:], plan.mirror[first:], plan.gray[first:]
         self.tars = sorted({samples[i].tar for i in rows})
         tar_id = {tar: i for i, tar in enumerate(self.tars)}
         self.tar = np.array([tar_id[samples[i].tar] for i in rows], dtype=np.int32)
@@ -72,5 +72,5 @@ class ClipSource:
             roi = self.roi[row, view]
             outputs += [roi[:2], roi[2:], np.asarray(self.mirror[row, view])]
             if self.grayscale:
-                outputs.append(np.asarray(self.saturation[row, view]))
+                outputs.append(np.asarray(self.gray[row, view]))
         return tuple(outputs)

@@ -1,0 +1,334 @@
+"""Benchmark the DALI pipelines against an official-style loader on the same videos, in one run.
+
+Ours: tools/make_shards.py packs the videos (layouts `frames` and `video`), then pipelines.loader
+yields train and test batches on --device. Baseline: what the official TDS-CLIP code does, a torch
+DataLoader whose workers open each original video with decord, take the 40 needed frames one by
+one, and run PIL group transforms (scale 256 bicubic, random-sized crop 224 bilinear, flip,
+grayscale; test: scale + centre crop), then ToTensor + normalize. Both get the same cores.
+
+Prints clips/s, clips/s per core, the ratio ours/baseline, frames decoded per clip against the
+40 needed, and where the time of the train pipeline goes (decode, crop+resize, augment+normalize,
+hand-over to torch).
+
+    python tools/bench_pipeline.py                      # synthetic 640x360 H.264 videos, CPU
+    python tools/bench_pipeline.py --device cuda        # GPU decode + augment (DALI mixed)
+    python tools/bench_pipeline.py --list my.txt --root /videos   # your videos: '<path> <label>' lines
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pipelines  # noqa: E402
+from pipelines import augment, sampling  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- inputs ----------------------------------------------------------------------------------
+def make_videos(out: Path, count: int, frames: int, width: int, height: int, seed: int) -> Path:
+    """Synthetic H.264 MP4s with texture and motion (so compression behaves like real footage)."""
+    import av
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for v in range(count):
+        path = out / f"video{v:03d}.mp4"
+        lines.append(f"{path.name} {v % 10}")
+        if path.exists():
+            continue
+        texture = rng.integers(0, 256, (height // 8 + 2, width // 8 + 2, 3), dtype=np.uint8)
+        texture = np.kron(texture, np.ones((8, 8, 1), np.uint8))  # blocky base
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("libx264", rate=25)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": "23", "preset": "veryfast"}
+            for f in range(frames):
+                image = np.roll(texture, (f, 2 * f), axis=(0, 1))[:height, :width].copy()
+                x = (7 * f) % (width - 64)
+                image[100:164, x:x + 64] = (255 - 3 * f % 255, 80, 160)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            container.mux(stream.encode())
+    (out / "list.txt").write_text("\n".join(lines) + "\n")
+    return out / "list.txt"
+
+
+def make_shards(list_file: Path, root: Path, out: Path, layout: str) -> Path:
+    directory = out / layout
+    if not (directory / "train.manifest.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), str(list_file), "--root", str(root),
+                        "--out", str(directory), "--split", "train", "--layout", layout], check=True)
+    return directory
+
+
+# --- measuring -------------------------------------------------------------------------------
+def measure(batches, seconds: float, warmup: int = 1) -> float:
+    """clips/s over `seconds` (at least 3 batches) after `warmup` batches."""
+    iterator = iter(batches)
+    for _ in range(warmup):
+        next(iterator)
+    clips, start, count = 0, time.perf_counter(), 0
+    while count < 3 or time.perf_counter() - start < seconds:
+        batch = next(iterator)
+        clips += batch["clips"].shape[0] if isinstance(batch, dict) else batch[0].shape[0]
+        count += 1
+    return clips / (time.perf_counter() - start)
+
+
+def endless(make):
+    """Batches of epoch after epoch (a fresh loader iteration each epoch)."""
+    while True:
+        yield from make()
+
+
+def ours(tars: list[str], split: str, args, **options):
+    data = pipelines.loader(tars, split, args.batch_size, num_segments=args.num_segments, num_threads=args.threads,
+                            device=args.device, **options)
+    return endless(lambda: iter(data))
+
+
+# --- baseline: the official recipe -----------------------------------------------------------
+class OfficialStyleVideos(torch.utils.data.Dataset):
+    """decord + PIL group transforms, as the official Video_dataset + get_augmentation do."""
+
+    def __init__(self, paths: list[str], num_segments: int, train: bool):
+        self.paths, self.num_segments, self.train = paths, num_segments, train
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        import decord
+        from PIL import Image
+
+        video = decord.VideoReader(self.paths[index], num_threads=1)
+        n = len(video)
+        centres = (sampling.train_centres(n, self.num_segments, np.random.default_rng())
+                   if self.train else sampling.val_centres(n, self.num_segments))
+        images = [Image.fromarray(video[int(p)].asnumpy()) for p in sampling.window(centres, n).reshape(-1)]
+        images = [img.resize(_short_side(img.size, 256), Image.BICUBIC) for img in images]
+        images = _train_transform(images) if self.train else _centre_crop(images, 224)
+        array = np.concatenate([np.asarray(img) for img in images], axis=2)  # (H, W, 3*40)
+        tensor = torch.from_numpy(array).permute(2, 0, 1).float().div(255)
+        mean = torch.tensor(augment.CLIP_MEAN * len(images)).view(-1, 1, 1)
+        std = torch.tensor(augment.CLIP_STD * len(images)).view(-1, 1, 1)
+        return (tensor - mean) / std, 0
+
+
+def _short_side(size, short):
+    w, h = size
+    return (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+
+
+def _train_transform(images):
+    from PIL import Image, ImageOps
+
+    w, h = images[0].size
+    y, x, ch, cw = augment.random_resized_crop(h, w, np.random.default_rng(random.getrandbits(32)))
+    images = [img.crop((x, y, x + cw, y + ch)).resize((224, 224), Image.BILINEAR) for img in images]
+    if random.random() < 0.5:
+        images = [img.transpose(Image.FLIP_LEFT_RIGHT) for img in images]
+    if random.random() < 0.2:
+        images = [ImageOps.grayscale(img).convert("RGB") for img in images]
+    return images
+
+
+def _centre_crop(images, size):
+    w, h = images[0].size
+    x, y = int(round((w - size) / 2)), int(round((h - size) / 2))
+    return [img.crop((x, y, x + size, y + size)) for img in images]
+
+
+def baseline(paths: list[str], train: bool, args):
+    dataset = OfficialStyleVideos(paths, args.num_segments, train)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=train,
+                                         num_workers=args.threads, drop_last=True, persistent_workers=True)
+    return endless(lambda: iter(loader))
+
+
+# --- frames decoded per clip -----------------------------------------------------------------
+def decoded_frames(keyframes: np.ndarray, needed: np.ndarray) -> int:
+    """Frames a seek-to-keyframe-then-decode-forward reader decodes to produce `needed` (in order)."""
+    position, decoded = -1, 0
+    for frame in np.unique(needed):
+        keyframe = keyframes[np.searchsorted(keyframes, frame, side="right") - 1]
+        decoded += frame - keyframe + 1 if keyframe > position else frame - position
+        position = frame
+    return int(decoded)
+
+
+def keyframes_of(data_or_path) -> np.ndarray:
+    import io
+
+    import av
+
+    source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else str(data_or_path)
+    with av.open(source) as container:
+        flags = [p.is_keyframe for p in container.demux(video=0) if p.size]
+    return np.flatnonzero(flags)
+
+
+def amplification(sources: list, num_segments: int, clips: int = 20) -> float:
+    """Mean frames decoded per clip of 40 training frames, over random clips of `sources`."""
+    rng, total = np.random.default_rng(0), []
+    for source in sources:
+        keys, n = keyframes_of(source), _frame_count(source)
+        for _ in range(clips):
+            total.append(decoded_frames(keys, sampling.window(sampling.train_centres(n, num_segments, rng), n)))
+    return float(np.mean(total))
+
+
+def _frame_count(source) -> int:
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
+        return sum(1 for p in container.demux(video=0) if p.size)
+
+
+# --- where the time goes ---------------------------------------------------------------------
+def stage_rates(data: "pipelines.Loader", args) -> dict[str, float]:
+    """clips/s of the train graph cut after decode, after crop+resize, and whole (no torch hand-over)."""
+    from nvidia.dali import pipeline_def
+
+    from pipelines.pipeline import read_clips, train_pipeline
+    from pipelines.source import ClipSource
+
+    @pipeline_def
+    def cut(source, stage: str, decode_device: str):
+        images, views = read_clips(source, decode_device, False)
+        if stage == "decode":
+            return images
+        start, end = views[0][:2]
+        return augment.crop_resize(images, start, end, args.image_size, augment.INTERP["train"])
+
+    plan, cuda = data.plan(), data.device.type == "cuda"
+    frames = plan.frames.shape[1]
+    common = dict(batch_size=plan.batch_size * frames, num_threads=args.threads, seed=0,
+                  device_id=(data.device.index or 0) if cuda else None)
+    decode_device = "mixed" if cuda else "cpu"
+    rates = {}
+    for stage in ("decode", "crop+resize", "all"):
+        source = ClipSource(plan, data.samples, "frame", grayscale=True)
+        if stage == "all":
+            pipe = train_pipeline(source, image_size=args.image_size, decode_device=decode_device,
+                                  dtype=_dali_float(), grayscale=True, randaugment=None, **common)
+        else:
+            pipe = cut(source, stage, decode_device, **common)
+        pipe.build()
+        batches = min(plan.num_batches - 1, max(3, int(args.seconds)))
+        pipe.run()
+        start = time.perf_counter()
+        for _ in range(batches):
+            pipe.run()
+        rates[stage] = batches * plan.batch_size / (time.perf_counter() - start)
+        del pipe
+    return rates
+
+
+def _dali_float():
+    from nvidia.dali import types
+
+    return types.FLOAT
+
+
+# --- main ------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", type=Path, help="'<video> <label>' list (default: synthetic videos)")
+    parser.add_argument("--root", type=Path, help="directory the list's paths are relative to")
+    parser.add_argument("--work", type=Path, help="where videos and shards go (default: a temp dir)")
+    parser.add_argument("--num-videos", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=250, help="frames per synthetic video")
+    parser.add_argument("--size", default="640x360", help="synthetic video WxH")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-segments", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="CPU cores for each loader: DALI threads / DataLoader workers")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per loader")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
+    if args.list is None:
+        width, height = (int(v) for v in args.size.split("x"))
+        args.list = make_videos(work / "videos", args.num_videos, args.frames, width, height, seed=0)
+        args.root = work / "videos"
+    root = args.root or args.list.parent
+    paths = [str(root / line.split()[0]) for line in args.list.read_text().splitlines() if line.strip()]
+    shards = {layout: make_shards(args.list, root, work / "shards", layout) for layout in ("frames", "video")}
+    tars = {layout: [str(p) for p in sorted(d.glob("train-*.tar"))] for layout, d in shards.items()}
+    repeat = max(1, math.ceil(args.batch_size * (args.seconds + 4) * 4 / len(paths)))  # epochs long enough
+    train_options = dict(flip="plain", grayscale_prob=0.2, image_size=args.image_size)
+
+    results = {"device": args.device, "cores": args.threads, "batch_size": args.batch_size,
+               "videos": len(paths), "torch_threads": torch.get_num_threads()}
+    rows = []
+
+    def run(name, batches, frames_per_clip):
+        rate = measure(batches, args.seconds)
+        rows.append((name, rate, frames_per_clip))
+        print(f"  {name:<44} {rate:8.2f} clips/s", flush=True)
+
+    print(f"device {args.device}, {args.threads} cores, batch {args.batch_size}, {len(paths)} videos", flush=True)
+    needed = 5 * args.num_segments
+    run("ours train, frames (JPEG per frame)", ours(tars["frames"] * repeat, "train", args, **train_options), needed)
+    run("ours train + RandAugment, frames", ours(tars["frames"] * repeat, "train", args,
+                                                 randaugment="rand-m7-n4-mstd0.5", **train_options), needed)
+    run("ours test 1 crop x 1 clip, frames", ours(tars["frames"] * repeat, "test", args,
+                                                  image_size=args.image_size), needed)
+    video_data = pipelines.loader(tars["video"], "train", 1, num_segments=args.num_segments, num_threads=1)
+    from pipelines.reader import ShardFiles
+
+    files = ShardFiles()
+    webms = [files.pread(s.tar, s.key, *s.ranges[0]).tobytes() for s in video_data.samples]
+    run("ours train, video (VP9 WebM)", ours(tars["video"] * repeat, "train", args, **train_options),
+        amplification(webms, args.num_segments))
+    if not args.skip_baseline:
+        original = amplification(paths, args.num_segments)
+        run("baseline train (decord + PIL, DataLoader)", baseline(paths * repeat, True, args), original)
+        run("baseline test (decord + PIL, DataLoader)", baseline(paths * repeat, False, args), original)
+    data = pipelines.loader(tars["frames"] * repeat, "train", args.batch_size, num_segments=args.num_segments,
+                            num_threads=args.threads, device=args.device, **train_options)
+    rates = stage_rates(data, args)
+
+    base = {"train": next((r for n, r, _ in rows if n.startswith("baseline train")), None),
+            "test": next((r for n, r, _ in rows if n.startswith("baseline test")), None)}
+    print(f"\n{'loader':<44} {'clips/s':>8} {'/core':>7} {'vs base':>8} {'frames decoded/clip':>20}")
+    for name, rate, frames in rows:
+        kind = "test" if "test" in name else "train"
+        ratio = f"{rate / base[kind]:7.2f}x" if base[kind] and not name.startswith("baseline") else ""
+        print(f"{name:<44} {rate:8.2f} {rate / args.threads:7.2f} {ratio:>8} {frames:14.1f} of {needed}")
+    per_clip = {stage: 1000 / rate for stage, rate in rates.items()}
+    train_rate = rows[0][1]
+    split = {"decode": per_clip["decode"], "crop+resize": per_clip["crop+resize"] - per_clip["decode"],
+             "grayscale+flip+normalize": per_clip["all"] - per_clip["crop+resize"],
+             "hand-over to torch": 1000 / train_rate - per_clip["all"]}
+    print("\ntrain pipeline (frames), ms per clip (wall, all cores): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in split.items()))
+    results.update(rows=[{"loader": n, "clips_per_s": r, "per_core": r / args.threads, "frames_decoded": f}
+                         for n, r, f in rows], stage_ms_per_clip=split, baseline=base)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

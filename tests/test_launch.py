@@ -1,0 +1,143 @@
+"""launch.py end to end on tiny synthetic shards through the real DALI CPU pipeline and model:
+train + resume, torchrun with 2 gloo processes, multi-view test of an official-layout checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import launch
+import pipelines
+import tdsclip
+from pipelines.reader import shard_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "data" / "golden_tiny" / "checkpoint.pt"
+NUM_CLASSES = 3
+VIDEOS_PER_CLASS = 4
+# A model small enough for seconds per epoch on 2 cores; T=2 keeps clips short.
+TINY = ["model.arch=null", "model.width=32", "model.layers=1", "model.heads=1", "model.patch_size=8",
+        "model.image_size=16", "model.side_dim=32", "model.num_segments=2", f"model.num_classes={NUM_CLASSES}",
+        "model.clip_weights=null", "data.resize=18", "data.num_threads=1", "compile=false",
+        "data.global_batch_size=4", "data.max_device_batch_size=2", "data.eval_batch_size=4",
+        "data.num_sample=1", "data.flip=none", "logging.log_every=1", "logging.progress=plain",
+        "schedule.epochs=2", "schedule.warmup_epochs=0.5", "eval.skip_epochs=[]", "seed=3"]
+
+
+def run_tool(*args: str) -> None:
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Synthetic motion videos packed into train/val shards."""
+    root = tmp_path_factory.mktemp("launch")
+    videos, out = root / "videos", root / "shards"
+    run_tool("tools/make_synthetic.py", str(videos), "--num-classes", str(NUM_CLASSES),
+             "--videos-per-class", str(VIDEOS_PER_CLASS), "--frames", "12", "--size", "24", "--seed", "0")
+    for split in ("train", "val"):
+        run_tool("tools/make_shards.py", str(videos / f"{split}.txt"), "--root", str(videos), "--out", str(out),
+                 "--split", split, "--short-side", "0", "--workers", "1")
+    return out
+
+
+def overrides(shards: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, f"data.shards={shards}", f"output_dir={output_dir}", *extra]
+
+
+def test_bad_config_exits_with_the_key(tmp_path, capsys):
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "optim.lrr=1"]) == 2
+    assert "optim.lrr: unknown key; valid keys here: lr," in capsys.readouterr().err
+
+
+def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0
+    out = capsys.readouterr().out
+    assert "batch: 4 videos per step = 1 processes x 2 per device x 2 accumulation steps" in out
+    assert "CLIP weights: none" in out and "val top-1" in out
+    assert f"tensorboard --logdir {run_dir}" in out
+    assert {"config.yaml", "last.pt", "best.pt"} <= set(os.listdir(run_dir))
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
+    model = tdsclip.load_model(run_dir / "last.pt")  # the model part is readable on its own
+    assert model.config.num_classes == NUM_CLASSES and model.config.num_segments == 2
+
+    with pytest.raises(SystemExit, match="last.pt exists: pass --resume"):
+        launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir)])
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *overrides(shards, run_dir)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] == 2 and checkpoint["config"]["schedule"]["epochs"] == 2
+
+
+def test_resume_at_epoch_boundary_is_exact_with_real_pipeline(shards, tmp_path):
+    """Epoch 1 of a resumed run has the same losses as epoch 1 of an uninterrupted run."""
+    from tdsclip.config import load_config
+    from tdsclip.distributed import init_distributed
+    from tdsclip.metrics import MetricsLogger
+
+    def build(run_dir):
+        config = load_config(ROOT / "configs/demo.yaml", overrides(shards, run_dir, "logging.tensorboard=false"))
+        torch.manual_seed(config.seed)
+        log = MetricsLogger(run_dir, tensorboard=False, progress="plain")
+        return launch.build_trainer(config, init_distributed(), log)
+
+    full = build(tmp_path / "full")
+    full.fit()
+    first = build(tmp_path / "run")
+    first.epochs = 1  # stop after epoch 0, as if interrupted there; the schedule still spans 2 epochs
+    first.fit()
+    resumed = build(tmp_path / "run")
+    resumed.restore(resumed.checkpointer.load_last())
+    resumed.fit()
+    expected = [h["loss"] for h in full.history]
+    assert len(expected) == 2 * len(first.history) > 0
+    assert [h["loss"] for h in first.history + resumed.history] == expected
+
+
+def test_torchrun_two_processes_gloo(shards, tmp_path):
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch.py",
+         "--cfg", "configs/demo.yaml", *overrides(shards, run_dir, "schedule.epochs=1")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "batch: 4 videos per step = 2 processes x 2 per device x 1 accumulation steps" in result.stdout
+    assert result.stdout.count("epoch 1/1: val top-1") == 1  # rank 0 prints, rank 1 does not
+    assert result.stdout.count("CLIP weights: none") == 1
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2 and len(checkpoint["data"]) == 2
+    assert checkpoint["data"][0]["epoch"] == 1
+
+
+def test_multiview_test_on_official_checkpoint(shards, tmp_path, capsys):
+    official = tdsclip.load_model(GOLDEN, num_segments=2)
+    run_dir = tmp_path / "test"
+    args = ["--cfg", str(ROOT / "configs/demo.yaml"), "--test", "--weights", str(GOLDEN), "--test-crops", "3",
+            "--test-clips", "2", *overrides(shards, run_dir, "data.test_split=val", "data.eval_batch_size=2")]
+    assert launch.main(args) == 0
+    assert "test (3 crops x 2 clips" in capsys.readouterr().out
+    result = json.loads((run_dir / "test_results.json").read_text())
+    num_val = pipelines.loader(shard_paths(shards, "val"), "val", 4, 2, image_size=16, resize=18).num_samples
+    assert result["num_videos"] == num_val and result["views"] == 6
+    keys = [p["key"] for p in result["predictions"]]
+    assert len(set(keys)) == len(keys) == num_val  # every video once
+    hits = [p["top5"][0] == p["label"] for p in result["predictions"]]
+    assert result["top1"] == pytest.approx(100 * sum(hits) / len(hits))
+
+    # the first video's prediction equals the softmax mean over its 6 views computed directly
+    loader = pipelines.loader(shard_paths(shards, "val"), "test", 1, 2, image_size=16, resize=18,
+                              test_crops=3, test_clips=2, seed=3)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        probs = official(batch["clips"]).softmax(-1).mean(0)  # (6 views, C) -> (C,)
+    direct = probs.topk(5).indices.tolist()
+    by_key = {p["key"]: p["top5"] for p in result["predictions"]}
+    assert by_key[batch["key"][0]] == direct

@@ -134,13 +134,15 @@ def _encode_video_file(source: Source, path: Path, options: EncodeOptions) -> En
         if not container.streams.video:
             raise _Reject("undecodable: no video stream")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        # Slice threads only: frame threading swallows decode errors, and a truncated or corrupt file
+        # must be rejected rather than packed short. Workers give the parallelism.
+        stream.thread_type = "SLICE"
         rate = stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FPS)
         try:
             frames = container.decode(stream)
             return _encode_frames(source, frames, Fraction(rate), options)
         except av.FFmpegError as error:
-            raise _Reject(f"undecodable: {error}") from None
+            raise _Reject(f"undecodable: decoding failed ({error}); the file is truncated or corrupt") from None
 
 
 def _encode_frames(source: Source, frames: Iterator[av.VideoFrame], rate: Fraction,

@@ -56,9 +56,14 @@ def dataset(tmp_path_factory) -> dict:
     (root / "text.mp4").write_text("not a video\n")
     (root / "truncated.mp4").write_bytes((data / "bikes.mp4").read_bytes()[:4000])
     (root / "a_directory.mp4").mkdir()
+    _write_faststart_mp4(root / "cut.mp4")
+    data_bytes = (root / "cut.mp4").read_bytes()
+    (root / "cut.mp4").write_bytes(data_bytes[: len(data_bytes) // 2])  # index intact, frames cut off
+    _write_audio_only(root / "audio.mp4")
     counts = {name: _frame_count(root / name) for name in REAL_VIDEOS}
     videos = [f"{name} {i % 3}" for i, name in enumerate(REAL_VIDEOS)]
-    broken = ["empty.mp4 0", "text.mp4 1", "truncated.mp4 2", "missing.mp4 0", "a_directory.mp4 1"]
+    broken = ["empty.mp4 0", "text.mp4 1", "truncated.mp4 2", "missing.mp4 0", "a_directory.mp4 1", "cut.mp4 0",
+              "audio.mp4 1"]
     (root / "videos.txt").write_text("\n".join(videos + broken) + "\n")
 
     rng = np.random.default_rng(0)
@@ -80,6 +85,27 @@ def dataset(tmp_path_factory) -> dict:
     (root / "pngs.txt").write_text("f/png 5 1\n")
     counts.update({"f/short": 7, "f/long": 23, "f/png": 5})
     return {"root": root, "counts": counts}
+
+
+def _write_faststart_mp4(path: Path) -> None:
+    """A small H.264 MP4 with its index (moov) first, so a cut file still opens."""
+    video = np.random.default_rng(0).integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def _write_audio_only(path: Path) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
 
 
 def _dali_decode_video(data: bytes) -> np.ndarray:
@@ -147,8 +173,10 @@ def test_pack_decodes_with_dali_cpu(dataset, tmp_path, list_name, layout):
 def test_rejections_have_reasons(dataset, tmp_path):
     manifest, _ = _pack(dataset, tmp_path, "videos.txt", "frames")
     reasons = {r.source: r.reason for r in manifest.rejected}
-    assert set(reasons) == {"empty.mp4", "text.mp4", "truncated.mp4", "missing.mp4", "a_directory.mp4"}
+    assert set(reasons) == {"empty.mp4", "text.mp4", "truncated.mp4", "missing.mp4", "a_directory.mp4", "cut.mp4",
+                            "audio.mp4"}
     assert reasons["missing.mp4"].startswith("missing:") and reasons["empty.mp4"].startswith("empty:")
+    assert "truncated or corrupt" in reasons["cut.mp4"] and reasons["audio.mp4"] == "undecodable: no video stream"
     assert reasons["text.mp4"].startswith("undecodable:") and reasons["a_directory.mp4"].startswith("unreadable:")
     manifest, _ = _pack(dataset, tmp_path, "folders.txt", "frames")
     reasons = {r.source: r.reason for r in manifest.rejected}
@@ -196,7 +224,7 @@ def _checksums(directory: Path) -> dict[str, str]:
 def test_resume_after_interruption_matches_uninterrupted_run(dataset, tmp_path):
     sources = read_list(dataset["root"] / "videos.txt")
     options = EncodeOptions(layout="video", short_side=SHORT_SIDE)
-    kwargs = dict(split="train", shard_size=20_000, seed=3)
+    kwargs = dict(split="train", shard_size=1, seed=3)  # one sample per shard
     full = tmp_path / "full"
     build_split(sources, dataset["root"], full, ["0", "1", "2"], options, **kwargs)
     expected = _checksums(full)
@@ -205,15 +233,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(dataset, tmp_path):
     interrupted = tmp_path / "interrupted"
     seen = []
 
-    def stop_after_five(result):
+    def stop_in_second_sample(result):
         seen.append(result)
-        if len(seen) == 5:
-            raise KeyboardInterrupt  # the user pressed Ctrl-C mid-run
+        if sum(isinstance(r, EncodedSample) for r in seen) == 2:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C while the second shard was being written
     with pytest.raises(KeyboardInterrupt):
-        build_split(sources, dataset["root"], interrupted, ["0", "1", "2"], options, on_result=stop_after_five, **kwargs)
+        build_split(sources, dataset["root"], interrupted, ["0", "1", "2"], options, on_result=stop_in_second_sample,
+                    **kwargs)
     partial = _checksums(interrupted)
     assert not any(name.endswith(".tmp") for name in partial) and "train.manifest.json" not in partial
-    assert 0 < sum(name.endswith(".tar") for name in partial) < 3
+    assert [name for name in partial if name.endswith(".tar")] == ["train-000000.tar"]
     (interrupted / "train-000002.tar.tmp").write_bytes(b"half a shard")  # as a killed process leaves it
     started = []
     build_split(sources, dataset["root"], interrupted, ["0", "1", "2"], options, on_start=started.append, **kwargs)
@@ -242,7 +271,7 @@ def test_cli_workers_match_and_strict_exit(dataset, tmp_path):
                       *common]) == 1
     assert _checksums(tmp_path / "one") == _checksums(tmp_path / "two")
     manifest = read_manifest(tmp_path / "two", "train")
-    assert manifest.encoding["quality"] == 75 and len(manifest.rejected) == 5
+    assert manifest.encoding["quality"] == 75 and len(manifest.rejected) == 7
     shard_labels = [{e.label for e in read_index(p)} for p in manifest.index_paths()]
     assert manifest.num_samples == 3 and sum(map(len, shard_labels)) >= 3
     assert tool.main([str(root / "missing_list.txt"), "--out", str(tmp_path / "x"), *common]) == 2

@@ -76,29 +76,58 @@ def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["schedule"]["epochs"] == 2
 
 
-def test_resume_at_epoch_boundary_is_exact_with_real_pipeline(shards, tmp_path):
-    """Epoch 1 of a resumed run has the same losses as epoch 1 of an uninterrupted run."""
+class CrashingLoader:
+    """Wraps a Loader; raises KeyboardInterrupt when batch `at` of epoch `epoch` is due (a kill)."""
+
+    def __init__(self, inner, epoch: int, at: int):
+        self.inner, self.epoch, self.at = inner, epoch, at
+
+    def __len__(self):
+        return len(self.inner)
+
+    def set_epoch(self, epoch):
+        self.inner.set_epoch(epoch)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+    def __iter__(self):
+        for batch in self.inner:
+            state = self.inner.state_dict()  # the position already counts this batch
+            if (state["epoch"], state["position"]) == (self.epoch, self.at + 1):
+                raise KeyboardInterrupt("simulated kill")
+            yield batch
+
+
+def test_resume_mid_epoch_is_exact_with_real_pipeline(shards, tmp_path):
+    """Killed mid-epoch 1 and resumed from last.pt: the same losses, step by step, as an uninterrupted run."""
     from tdsclip.config import load_config
     from tdsclip.distributed import init_distributed
     from tdsclip.metrics import MetricsLogger
 
-    def build(run_dir):
-        config = load_config(ROOT / "configs/demo.yaml", overrides(shards, run_dir, "logging.tensorboard=false"))
+    def build(run_dir, *extra):
+        config = load_config(ROOT / "configs/demo.yaml", overrides(shards, run_dir, "logging.tensorboard=false", *extra))
         torch.manual_seed(config.seed)
         log = MetricsLogger(run_dir, tensorboard=False, progress="plain")
         return launch.build_trainer(config, init_distributed(), log)
 
     full = build(tmp_path / "full")
     full.fit()
-    first = build(tmp_path / "run")
-    first.epochs = 1  # stop after epoch 0, as if interrupted there; the schedule still spans 2 epochs
-    first.fit()
+    killed = build(tmp_path / "run", "checkpoint.every_steps=2")
+    killed.train_loader = CrashingLoader(killed.train_loader, epoch=1, at=3)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
     resumed = build(tmp_path / "run")
     resumed.restore(resumed.checkpointer.load_last())
+    assert (resumed.state.epoch, resumed.state.step, resumed.state.batch_in_epoch) == (1, 4, 2)
     resumed.fit()
     expected = [h["loss"] for h in full.history]
-    assert len(expected) == 2 * len(first.history) > 0
-    assert [h["loss"] for h in first.history + resumed.history] == expected
+    assert len(expected) == 6  # 2 epochs x 6 batches / 2 accumulation steps
+    assert len(killed.history) == 4
+    assert [h["loss"] for h in killed.history + resumed.history] == expected
 
 
 def test_torchrun_two_processes_gloo(shards, tmp_path):

@@ -151,8 +151,11 @@ class SideStem(nn.Module):
         # clips: (B, T, M, 3, H, W) -> side stream (B, T, L, D)
         frame = rearrange(clips[:, :, self.centre], "b t c h w -> b c t h w")
         diffs = rearrange(clips[:, :, 1:] - clips[:, :, :-1], "b t m c h w -> b (m c) t h w")
-        frame = rearrange(self.frame_conv(frame), "b d t h w -> b t (h w) d")
-        diffs = rearrange(self.diff_conv(diffs), "b d t h w -> b t (h w) d")
+        # oneDNN's bf16 convolutions return wrong numbers on some CPUs for 8 or more input channels
+        # (relative error ~1 for these 12-channel differences, measured), so on CPU they run in fp32.
+        with torch.autocast("cpu", enabled=False):
+            frame = rearrange(self.frame_conv(frame.float()), "b d t h w -> b t (h w) d")
+            diffs = rearrange(self.diff_conv(diffs.float()), "b d t h w -> b t (h w) d")
         return self.frame_norm(frame) + 0.5 * self.diff_norm(diffs)
 
 

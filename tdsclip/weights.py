@@ -14,6 +14,8 @@ import math
 import os
 import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import open_clip
@@ -375,11 +377,12 @@ def read_clip_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         state = load_file(path)
-    else:
-        try:
+    elif _is_torchscript(path):
+        with warnings.catch_warnings():  # OpenAI's release files are TorchScript; jit.load warns it is deprecated
+            warnings.simplefilter("ignore", FutureWarning)
             state = torch.jit.load(path, map_location="cpu").state_dict()
-        except RuntimeError:  # not TorchScript: a pickled state dict
-            state = _torch_load(path)
+    else:
+        state = _torch_load(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -389,6 +392,14 @@ def read_clip_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not visual:
         raise CheckpointError(f"{path} has no 'visual.*' keys; is it a CLIP checkpoint? first keys: {list(state)[:5]}")
     return visual
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a constants.pkl; torch.save'd ones are not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def load_clip_weights(model: TDSCLIP, path: str | os.PathLike) -> None:

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Export a TDS-CLIP checkpoint to the official training script's layout (BBYL9413/TDS-CLIP).
+
+The output is ``{"epoch", "model_state_dict", "optimizer_state_dict": {}}`` with official key names,
+loadable by the official test_vision.py (``--weights``) or as ``pretrain`` in train_vision.py.
+
+  python tools/export_official.py runs/k400/best.pt tdsclip_k400_official.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tdsclip.weights import CheckpointError, export_official, load_model  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", type=Path, help="a tdsclip checkpoint (or an official one, to re-save it)")
+    p.add_argument("output", type=Path, help="where to write the official-layout file")
+    p.add_argument("--clip-embed-dim", type=int, default=None,
+                   help="write placeholder visual.ln_post/visual.proj of this CLIP embedding width so that the "
+                        "official strict load succeeds (default: the arch's width; omitted for custom sizes)")
+    p.add_argument("--epoch", type=int, default=0, help="the 'epoch' entry of the official file")
+    args = p.parse_args(argv)
+    try:
+        model = load_model(args.checkpoint)
+        export_official(model, args.output, clip_embed_dim=args.clip_embed_dim, epoch=args.epoch)
+    except (FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    c = model.config
+    print(f"wrote {args.output}: {c.arch or 'custom'} width {c.width}, {c.layers} layers, side_dim {c.side_dim}, "
+          f"{c.num_classes} classes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

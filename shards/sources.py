@@ -81,7 +81,8 @@ def read_list(path: str | os.PathLike) -> list[Source]:
         if label < 0:
             raise ListFormatError(f"{path}:{n}: label {label} is negative")
         num_frames = int(parts[1]) if folders else None
-        sources.append(Source(key=make_key(parts[0], used, strip_extension=not folders), path=parts[0], label=label, num_frames=num_frames))
+        key = make_key(parts[0], used, strip_extension=not folders)
+        sources.append(Source(key=key, path=parts[0], label=label, num_frames=num_frames))
     return sources
 
 

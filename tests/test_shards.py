@@ -286,3 +286,30 @@ def test_encoded_sample_is_verified(dataset):
     assert isinstance(sample, EncodedSample) and sample.meta["num_frames"] == dataset["counts"][source.path]
     with av.open(io.BytesIO(sample.video)) as container:
         assert sum(1 for _ in container.decode(video=0)) == sample.meta["num_frames"]
+
+
+def test_tars_read_as_plain_webdataset(dataset, tmp_path):
+    """The tars are ordinary webdataset tars: the webdataset library and DALI's reader both group them."""
+    import webdataset as wds
+    from nvidia.dali import fn, pipeline_def
+
+    manifest, _ = _pack(dataset, tmp_path, "folders.txt", "frames")
+    by_key = {e.key: e for e in read_index(manifest.index_paths()[0])}
+    samples = list(wds.WebDataset([str(manifest.tar_paths()[0])], shardshuffle=False))
+    assert {s["__key__"] for s in samples} == set(by_key)
+    for s in samples:
+        assert sum(k.endswith(".jpg") for k in s) == by_key[s["__key__"]].num_frames
+
+    manifest, _ = _pack(dataset, tmp_path, "videos.txt", "video")
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        video, meta = fn.readers.webdataset(paths=[str(p) for p in manifest.tar_paths()], ext=["webm", "json"],
+                                            missing_component_behavior="error")
+        return fn.decoders.video(video, device="cpu"), meta
+
+    p = pipe()
+    p.build()
+    for _ in range(manifest.num_samples):
+        frames, meta = p.run()
+        assert np.asarray(frames[0]).shape[0] == json.loads(np.asarray(meta[0]).tobytes())["num_frames"]

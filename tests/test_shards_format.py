@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from shards import format as fmt
+from shards.build import shuffled
 from shards.manifest import ShardFormatError, read_index, read_manifest, read_member_bytes
-from shards.sources import ListFormatError, class_names, make_key, read_labels, read_list
+from shards.sources import ListFormatError, Source, class_names, make_key, read_labels, read_list
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,8 @@ def test_read_list_raw_videos(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text("# comment\nabseiling/a b.mp4 0\n\nx/y.webm 12\n")
     sources = read_list(path)
-    assert [(s.path, s.label, s.num_frames) for s in sources] == [("abseiling/a b.mp4", 0, None), ("x/y.webm", 12, None)]
+    assert [(s.path, s.label, s.num_frames) for s in sources] == [("abseiling/a b.mp4", 0, None),
+                                                                  ("x/y.webm", 12, None)]
     assert [s.key for s in sources] == ["abseiling_a_b", "x_y"]
 
 
@@ -69,6 +71,14 @@ def test_read_labels_and_class_names(tmp_path):
     csv_path.write_text("0,a\n2,c\n")
     with pytest.raises(ListFormatError, match="without gaps"):
         read_labels(csv_path)
+
+
+def test_shuffle_mixes_classes_deterministically():
+    sources = [Source(key=f"k{i}", path=f"{i}.mp4", label=i // 25) for i in range(100)]  # sorted by class
+    order = shuffled(sources, seed=0)
+    assert order == shuffled(sources, seed=0) and order != shuffled(sources, seed=1)
+    assert len({s.label for s in order[:12]}) >= 3 and sorted(order, key=lambda s: s.key) == sorted(
+        sources, key=lambda s: s.key)
 
 
 def test_parse_size():

@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         options = EncodeOptions(layout=args.layout, short_side=args.short_side, quality=args.quality,
-                                crf=args.crf, gop=args.gop, speed=args.speed, deadline=args.deadline, folder_fps=args.fps,
-                                image_tmpl=args.image_tmpl)
+                                crf=args.crf, gop=args.gop, speed=args.speed, deadline=args.deadline,
+                                folder_fps=args.fps, image_tmpl=args.image_tmpl)
         sources = read_list(args.list)
         classes = class_names(sources, read_labels(args.labels) if args.labels else None, str(args.list))
     except (ValueError, FileNotFoundError) as error:

@@ -167,8 +167,8 @@ class Loader:
         frames = plan.frames.shape[1] if self.mode == "frame" else 1
         seed = int(np.random.SeedSequence([self.seed, self._epoch, self.rank, start]).generate_state(1)[0] >> 1)
         options = dict(batch_size=plan.batch_size * frames, num_threads=self.num_threads, seed=seed,
-                       device_id=(self.device.index or 0) if cuda else None, prefetch_queue_depth=2,
-                       py_num_workers=max(1, self.py_workers), py_start_method="spawn" if cuda else "fork",
+                       device_id=_cuda_index(self.device) if cuda else None, prefetch_queue_depth=2,
+                       py_num_workers=max(1, self.py_workers), py_start_method="spawn",
                        image_size=self.spec.image_size, decode_device="mixed" if cuda else "cpu",
                        dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
                        parallel=self.py_workers > 0)
@@ -215,6 +215,10 @@ class Loader:
         if self.on_error == "raise":
             raise next(iter(bad.values())) from error
         self._skipped_ids.update(bad)
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _to_torch(outputs, device: torch.device) -> torch.Tensor:

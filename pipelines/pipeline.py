@@ -19,7 +19,7 @@ from pipelines.source import ClipSource
 
 def read_clips(source: ClipSource, decode_device: str, parallel: bool):
     """Encoded inputs -> decoded uint8 frames (HWC per frame, or FHWC per clip) and the view params."""
-    outputs = fn.external_source(source=source, num_outputs=source.num_outputs, batch=False,
+    outputs = fn.external_source(source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
                                  parallel=parallel)
     if source.mode == "frame":
         images = fn.decoders.image(outputs[0], device=decode_device, output_type=types.RGB)

@@ -305,3 +305,11 @@ def test_decode_error_skip_counts_and_marks_invalid(broken_shards):
     assert [s.rsplit(":", 1)[1] for s in data.skipped] == ["v002"]
     valid = [k for b in batches for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
     assert valid == ["v000", "v001", "v003"]
+
+
+def test_reader_worker_processes_give_the_same_batches(frame_shards):
+    def first(py_workers):
+        return next(iter(pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=8, num_threads=1,
+                                          py_workers=py_workers, **SIZE)))
+    a, b = first(0), first(2)
+    assert a["key"] == b["key"] and torch.equal(a["clips"], b["clips"])

@@ -219,7 +219,7 @@ def stage_rates(data: "pipelines.Loader", args) -> dict[str, float]:
     plan, cuda = data.plan(), data.device.type == "cuda"
     frames = plan.frames.shape[1]
     common = dict(batch_size=plan.batch_size * frames, num_threads=args.threads, seed=0,
-                  device_id=(data.device.index or 0) if cuda else None)
+                  device_id=torch.cuda.current_device() if cuda else None)
     decode_device = "mixed" if cuda else "cpu"
     rates = {}
     for stage in ("decode", "crop+resize", "all"):

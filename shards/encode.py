@@ -221,7 +221,8 @@ def _folder_frame(folder: Path, index: int, tmpl: str) -> tuple[Path, bytes]:
     try:
         return path, path.read_bytes()
     except FileNotFoundError:
-        raise _Reject(f"missing: frame {index + 1} ({path}) not found") from None
+        hint = "; check --image-tmpl" if index == 0 else ""
+        raise _Reject(f"missing: frame {index + 1} ({path}) not found{hint}") from None
     except OSError as error:
         raise _Reject(f"unreadable: frame {path}: {error}") from None
 

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"resize so the short side is this many pixels, 0 keeps the size (default "
                         f"{defaults.short_side}; frame-folder JPEGs in layout frames are stored as they are)")
     p.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality, layout frames")
-    p.add_argument("--codec", choices=["vp9"], default="vp9",
+    p.add_argument("--codec", choices=["vp9", "libvpx-vp9"], default="vp9",
                    help="video codec, layout video (VP9: the one codec both DALI backends decode)")
     p.add_argument("--crf", type=int, default=defaults.crf, help="VP9 constant quality 0-63, layout video")
     p.add_argument("--gop", type=int, default=defaults.gop, help="VP9 keyframe interval, layout video")

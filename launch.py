@@ -117,8 +117,11 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
     if world.is_main:
         save_config(config, Path(config.output_dir) / "config.yaml")
     trainer.fit()
-    log.info(f"done: best val top-1 {trainer.state.best_top1:.2f}% (epoch {trainer.state.best_epoch + 1}); "
-             f"checkpoints in {config.output_dir}")
+    final = trainer.val_history[-1] if trainer.val_history else None
+    if final:
+        log.info(f"final val top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}%; best top-1 "
+                 f"{trainer.state.best_top1:.2f}% (epoch {trainer.state.best_epoch + 1})")
+    log.info(f"checkpoints: {config.output_dir}/last.pt, best.pt")
     log.info(f"TensorBoard: tensorboard --logdir {config.output_dir}")
 
 

@@ -89,7 +89,8 @@ class Trainer:
     flops_per_clip: float | None = None  # training FLOPs per clip, for MFU
     peak_tflops: float | None = None
     state: TrainState = field(default_factory=TrainState)
-    history: list[dict] = field(default_factory=list)  # per log point: step, loss, lr
+    history: list[dict] = field(default_factory=list)  # per optimizer step: step, loss
+    val_history: list[dict] = field(default_factory=list)  # per validation: epoch, top1, top5
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -148,6 +149,7 @@ class Trainer:
                                   num_classes=self.model.config.num_classes,
                                   device=self.world.device, precision=self.precision)
                 self.metrics.log(self.state.step, {"val/top1": result["top1"], "val/top5": result["top5"]})
+                self.val_history.append({"epoch": epoch + 1, "top1": result["top1"], "top5": result["top5"]})
                 is_best = result["top1"] >= self.state.best_top1
                 if is_best:
                     self.state.best_top1, self.state.best_epoch = result["top1"], epoch

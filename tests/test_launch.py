@@ -40,7 +40,7 @@ def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("launch")
     videos, out = root / "videos", root / "shards"
     run_tool("tools/make_synthetic.py", str(videos), "--num-classes", str(NUM_CLASSES),
-             "--videos-per-class", str(VIDEOS_PER_CLASS), "--frames", "12", "--size", "24", "--seed", "0")
+             "--videos-per-class", str(VIDEOS_PER_CLASS), "--val-per-class", "2", "--frames", "12", "--size", "24", "--seed", "0")
     for split in ("train", "val"):
         run_tool("tools/make_shards.py", str(videos / f"{split}.txt"), "--root", str(videos), "--out", str(out),
                  "--split", split, "--short-side", "0", "--workers", "1")

@@ -1,6 +1,6 @@
 """The shard format: naming and schema (format), manifest and index reading (manifest), input lists
-(sources), per-sample encoding (encode), shard writing (writer), whole-split packing (build), and
-synthetic datasets (synthetic). See docs/shard_format.md."""
+(sources), per-sample encoding (encode), crash-tolerant worker processes (workers), shard writing
+(writer), whole-split packing (build), and synthetic datasets (synthetic). See docs/shard_format.md."""
 
 from shards.manifest import (IndexEntry, Manifest, Rejection, ShardFormatError, ShardRecord, read_frames,
                              read_index, read_manifest, read_member_bytes, read_video)

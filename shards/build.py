@@ -10,21 +10,19 @@ consumed (with the inputs rejected there); a rerun keeps the finished prefix and
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from shards import format as fmt
-from shards.encode import EncodedSample, EncodeOptions, encode_source
+from shards.encode import EncodeOptions, encode_source
 from shards.manifest import Manifest, Rejection, ShardRecord, write_json_atomic
 from shards.sources import Source
+from shards.workers import Result, ordered_results
 from shards.writer import ShardWriter
-
-Result = EncodedSample | Rejection
 
 
 class BuildError(RuntimeError):
@@ -89,17 +87,6 @@ def _finished_shards(out: Path, split: str, digest: str) -> _Resume:
     return resume
 
 
-def _results(todo: list[Source], root: Path, options: EncodeOptions, workers: int) -> Iterator[Result]:
-    """Encoded samples in `todo` order, from `workers` processes (in this process when workers is 1)."""
-    encode = partial(encode_source, root=root, options=options)
-    if workers <= 1:
-        yield from map(encode, todo)
-        return
-    # forkserver: worker processes do not inherit the progress bar's thread (fork with threads can hang).
-    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
-        yield from pool.imap(encode, todo, chunksize=1)
-
-
 def build_split(sources: list[Source], root: str | os.PathLike, out: str | os.PathLike, classes: list[str],
                 options: EncodeOptions, *, split: str = "train", shard_size: int = 1 << 30, seed: int = 0,
                 workers: int = 1, on_start: Callable[[int], None] | None = None,
@@ -126,7 +113,8 @@ def build_split(sources: list[Source], root: str | os.PathLike, out: str | os.Pa
         on_start(resume.position)
     if resume.position < len(order):
         (out / fmt.manifest_name(split)).unlink(missing_ok=True)
-        results = _results(order[resume.position:], Path(root), options, workers)
+        encode = partial(encode_source, root=Path(root), options=options)
+        results = ordered_results(order[resume.position:], encode, workers)
         per_shard = _fill_shards(order, resume.position, len(records), results, out, split, shard_size, digest,
                                  records, on_result)
         rejected += [r for shard_rejections in per_shard for r in shard_rejections]

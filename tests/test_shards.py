@@ -6,6 +6,7 @@ import hashlib
 import io
 import importlib.util
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from PIL import Image
 
 from shards.build import build_split
 from shards.encode import EncodedSample, EncodeOptions
-from shards.manifest import read_frames, read_index, read_manifest, read_member_bytes, read_video
-from shards.sources import read_list
+from shards.manifest import Rejection, read_frames, read_index, read_manifest, read_member_bytes, read_video
+from shards.sources import Source, read_list
 from shards.synthetic import write_frame_folder
+from shards.workers import CRASH_REASON, ordered_results
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_VIDEOS = ["carphone_pristine.mp4", "carphone_distorted.mp4", "bikes.mp4"]
@@ -313,3 +315,19 @@ def test_tars_read_as_plain_webdataset(dataset, tmp_path):
     for _ in range(manifest.num_samples):
         frames, meta = p.run()
         assert np.asarray(frames[0]).shape[0] == json.loads(np.asarray(meta[0]).tobytes())["num_frames"]
+
+
+def _crash_on_bikes(source):
+    """Stands in for an FFmpeg segfault: the worker process dies on one input."""
+    if source.path == "bikes.mp4":
+        os._exit(139)
+    return Rejection(source=source.path, reason=f"ok {source.label}")
+
+
+def test_worker_crash_rejects_that_input_and_goes_on():
+    sources = [Source(key=f"k{i}", path=p, label=i) for i, p in enumerate(["a.mp4", "b.mp4", "bikes.mp4", "c.mp4",
+                                                                             "d.mp4", "e.mp4", "f.mp4"])]
+    results = list(ordered_results(sources, _crash_on_bikes, workers=2))
+    assert [r.source for r in results] == [s.path for s in sources]
+    assert results[2].reason == CRASH_REASON
+    assert [r.reason for i, r in enumerate(results) if i != 2] == [f"ok {i}" for i in (0, 1, 3, 4, 5, 6)]

@@ -120,7 +120,7 @@ class ModelConfig:
 
 def tiny_config(**overrides) -> ModelConfig:
     """A few-hundred-kilobyte model for demos and tests (random weights, 32x32 frames)."""
-    sizes = dict(arch=None, width=64, layers=2, heads=2, patch_size=8, image_size=32, side_dim=64, num_classes=10)
+    sizes = dict(arch=None, width=64, layers=2, heads=1, patch_size=8, image_size=32, side_dim=64, num_classes=10)
     return ModelConfig(**(sizes | overrides))
 
 
@@ -128,11 +128,14 @@ class ChannelNorm(nn.BatchNorm1d):
     """BatchNorm over the last dim of a channels-last tensor.
 
     Statistics are over every other dim, as the official BatchNorm3d over (B, C, T, h, w). They are
-    computed in fp32 under autocast (bf16 sums over ~10^5 rows lose the mean).
+    computed in fp32 under autocast (bf16 sums over ~10^5 rows lose the mean), and on a (1, C, N)
+    view: PyTorch's CPU kernels then sum each channel the way they do for the official layout, which
+    keeps fp32 gradients 2-3x closer to the official ones than an (N, C) batch.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape).to(x.dtype)
+        rows = x.reshape(-1, x.shape[-1]).float().t().unsqueeze(0)  # (N, C) -> (1, C, N)
+        return super().forward(rows).squeeze(0).t().reshape(x.shape).to(x.dtype)
 
 
 class SideStem(nn.Module):

@@ -18,7 +18,6 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import open_clip
 import torch
 
 from tdsclip.model import HEAD_WIDTH, TDSCLIP, ModelConfig, build_model
@@ -65,9 +64,10 @@ _NAME_MAP: list[tuple[str, str, str]] = [
     ("visual.ln_pre.{p}", "backbone.ln_pre.{p}", ""),
     ("visual.transformer.resblocks.{i}.{r}", "backbone.transformer.resblocks.{i}.{r}", ""),
 ]
-# Official keys the network never reads: CLIP's pooling head (trainable there, but it gets no
-# gradient) and the temporal "fusion" head, which has no parameters in the released configs.
-_UNUSED_OFFICIAL = re.compile(r"visual\.ln_post\.\w+|visual\.proj|fusion_model\..*")
+# Official keys the network never reads: the frame-fusion head (train_vision.py's fusion_model) is
+# skipped because the side network already returns one vector per clip; it has no parameters with
+# the released configs (sim_header: None).
+_UNUSED_OFFICIAL = re.compile(r"fusion_model\..*")
 _OFFICIAL_SHAPES = {
     "": lambda t: t,
     "conv3d": lambda t: t.reshape(*t.shape, 1, 1, 1),  # Linear (out, in) -> Conv3d (out, in, 1, 1, 1)
@@ -337,23 +337,20 @@ def _load_official(state: dict, num_segments: int | None, path: Path) -> TDSCLIP
         raise CheckpointError(f"{path}: {e}") from e
 
 
-def export_official(model: TDSCLIP, path: str | os.PathLike, clip_embed_dim: int | None = None, epoch: int = 0):
+def export_official(model: TDSCLIP, path: str | os.PathLike, epoch: int = 0) -> None:
     """Write ``model`` in the official training script's checkpoint layout (atomically).
 
-    The official model also holds CLIP's unused pooling head (visual.ln_post, visual.proj) and its
-    test script loads strictly; with ``clip_embed_dim`` (default: the arch's CLIP embedding width,
-    none for custom sizes) placeholder tensors for them are written so that strict load succeeds.
-    They never affect the outputs.
+    ``{"epoch", "model_state_dict", "optimizer_state_dict": {}}``: the official test script loads it
+    strictly (``--weights``), the training script as ``pretrain``.
     """
     model = getattr(model, "_orig_mod", model)
+    official_heads = model.config.width // HEAD_WIDTH
+    if model.config.heads != official_heads:
+        raise ValueError(
+            f"the official code gives a width-{model.config.width} backbone {official_heads} heads (width // 64); "
+            f"this model has model.heads={model.config.heads}, so it would compute different outputs there"
+        )
     state = ours_to_official(_strip_wrappers(model.state_dict()))
-    if clip_embed_dim is None and model.config.arch is not None:
-        clip_embed_dim = open_clip.get_model_config(model.config.arch)["embed_dim"]
-    if clip_embed_dim is not None:
-        width = model.config.width
-        state["visual.ln_post.weight"] = torch.ones(width)
-        state["visual.ln_post.bias"] = torch.zeros(width)
-        state["visual.proj"] = torch.zeros(width, clip_embed_dim)
     _atomic_save({"epoch": epoch, "model_state_dict": state, "optimizer_state_dict": {}}, Path(path))
 
 

@@ -47,7 +47,7 @@ def outputs(model: tdsclip.TDSCLIP, clips: torch.Tensor) -> torch.Tensor:
 def test_names_map_both_ways(official_state):
     for name in official_state:
         assert our_name_to_official(official_name_to_ours(name)) == name
-    assert official_name_to_ours("visual.ln_post.weight") is None and official_name_to_ours("visual.proj") is None
+    assert official_name_to_ours("fusion_model.frame_position_embeddings.weight") is None  # unused head
     with pytest.raises(KeyError):
         official_name_to_ours("visual.side_new_thing.weight")
 
@@ -73,12 +73,16 @@ def test_official_round_trip_is_exact(official_state, tmp_path):
         assert state[name].shape == tensor.shape and torch.equal(state[name], tensor), name
 
 
-def test_export_adds_clip_head_placeholders(tmp_path):
-    model = tdsclip.build_model(tdsclip.tiny_config())
-    tdsclip.export_official(model, tmp_path / "o.pt", clip_embed_dim=32)
-    state = torch.load(tmp_path / "o.pt", weights_only=False)["model_state_dict"]
-    assert state["visual.proj"].shape == (64, 32) and state["visual.ln_post.weight"].shape == (64,)
-    assert torch.equal(tdsclip.load_model(tmp_path / "o.pt").state_dict()["head.fc.weight"], model.head.fc.weight)
+def test_export_of_a_new_model_loads_back(clips, tmp_path):
+    model = tdsclip.build_model(tdsclip.tiny_config(num_segments=8, image_size=16))
+    tdsclip.export_official(model, tmp_path / "o.pt", epoch=4)
+    exported = torch.load(tmp_path / "o.pt", weights_only=False)
+    assert exported["epoch"] == 4 and all(k.startswith(("visual.", "fc.")) for k in exported["model_state_dict"])
+    loaded = tdsclip.load_model(tmp_path / "o.pt")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match=r"1 heads \(width // 64\); this model has model.heads=2"):
+        tdsclip.export_official(tdsclip.build_model(tdsclip.tiny_config(heads=2)), tmp_path / "x.pt")
 
 
 def test_ddp_prefix_and_bare_state_dict(official_state, clips, tmp_path):

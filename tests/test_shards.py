@@ -269,10 +269,14 @@ def test_cli_workers_match_and_strict_exit(dataset, tmp_path):
     root = dataset["root"]
     common = ["--root", str(root), "--short-side", str(SHORT_SIDE), "--shard-size", "300kB"]
     assert tool.main([str(root / "videos.txt"), "--out", str(tmp_path / "one"), "--workers", "1", *common]) == 0
+    (tmp_path / "labels.csv").write_text("id,name\n0,riding\n1,talking\n2,waving\n")
     assert tool.main([str(root / "videos.txt"), "--out", str(tmp_path / "two"), "--workers", "2", "--strict",
-                      *common]) == 1
-    assert _checksums(tmp_path / "one") == _checksums(tmp_path / "two")
+                      "--labels", str(tmp_path / "labels.csv"), *common]) == 1
+    one, two = _checksums(tmp_path / "one"), _checksums(tmp_path / "two")
+    assert one.pop("train.manifest.json") != two.pop("train.manifest.json")  # only the class names differ
+    assert one == two  # same shard bytes with 1 or 2 workers
     manifest = read_manifest(tmp_path / "two", "train")
+    assert manifest.classes == ["riding", "talking", "waving"]
     assert manifest.encoding["quality"] == 75 and len(manifest.rejected) == 7
     shard_labels = [{e.label for e in read_index(p)} for p in manifest.index_paths()]
     assert manifest.num_samples == 3 and sum(map(len, shard_labels)) >= 3

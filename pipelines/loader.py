@@ -161,8 +161,7 @@ class Loader:
             yield batch
 
     def _build(self, plan: EpochPlan, start: int):
-        grayscale = self.spec.train and self.spec.grayscale_prob > 0
-        source = ClipSource(plan, self.samples, self.mode, start, grayscale=grayscale)
+        source = ClipSource(plan, self.samples, self.mode, start)
         cuda = self.device.type == "cuda"
         frames = plan.frames.shape[1] if self.mode == "frame" else 1
         seed = int(np.random.SeedSequence([self.seed, self._epoch, self.rank, start]).generate_state(1)[0] >> 1)
@@ -173,7 +172,7 @@ class Loader:
                        dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
                        parallel=self.py_workers > 0)
         if self.spec.train:
-            pipe = train_pipeline(source, grayscale=grayscale, randaugment=self.randaugment, **options)
+            pipe = train_pipeline(source, randaugment=self.randaugment, **options)
         else:
             pipe = eval_pipeline(source, **options)
         pipe.build()
@@ -187,8 +186,10 @@ class Loader:
         views = views.view(spec.num_views, plan.batch_size, spec.num_clips, spec.num_segments, 5, 3, size, size)
         if spec.num_views > 1:
             views = views.transpose(0, 1)
-        clips = views.reshape(-1, spec.num_segments, 5, 3, size, size).to(self.dtype)
+        clips = views.reshape(-1, spec.num_segments, 5, 3, size, size)
         repeat = spec.num_clips
+        gray = np.repeat(plan.gray[rows], repeat, axis=1).reshape(-1)  # (B*O*K,)
+        clips = augment.grayscale_(clips, torch.from_numpy(gray).to(self.device)).to(self.dtype)
         labels = np.repeat(plan.label[rows], repeat, axis=1).reshape(-1)  # (B*O*K,)
         valid = np.repeat(plan.valid[rows], spec.num_views * repeat)
         keys = [self.samples[i].key for i in plan.sample[rows] for _ in range(spec.num_views * repeat)]

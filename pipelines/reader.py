@@ -29,7 +29,7 @@ class Sample:
     height: int
     width: int
     layout: str
-    ranges: np.ndarray  # (num_frames, 2) int64 [offset, size] per frame; video: (1, 2)
+    ranges: np.ndarray  # (num_frames, 2) [offset, size] per frame (uint32, int64 past 4 GiB); video: (1, 2)
 
 
 def shard_paths(shards: str | os.PathLike | list, split: str) -> list[str]:
@@ -56,9 +56,12 @@ def read_samples(tars: list[str]) -> list[Sample]:
             raise FileNotFoundError(f"{tar}: shard not found")
         for entry in read_index(index_path(tar)):
             ranges = entry.frames if entry.layout == "frames" else [entry.video]
+            ranges = np.asarray(ranges, dtype=np.int64)
+            if ranges.max() < 2**32:  # half the memory: an index of all K400 frames is ~0.6 GB, not 1.2
+                ranges = ranges.astype(np.uint32)
             samples.append(Sample(tar=str(entry.tar), key=entry.key, label=entry.label,
                                   num_frames=entry.num_frames, height=entry.height, width=entry.width,
-                                  layout=entry.layout, ranges=np.asarray(ranges, dtype=np.int64)))
+                                  layout=entry.layout, ranges=ranges))
     if not samples:
         raise ValueError(f"no samples in shards {tars[:3]}{'...' if len(tars) > 3 else ''}")
     layouts = {s.layout for s in samples}

@@ -22,8 +22,8 @@ test: $(STAMP)
 DEMO_DIR := demo
 demo: $(STAMP)
 	$(PY) tools/make_synthetic.py $(DEMO_DIR)/videos
-	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/train.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split train
-	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/val.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split val
+	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/train.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split train --short-side 0
+	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/val.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split val --short-side 0
 	$(PY) launch.py --cfg configs/demo.yaml
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/runs"
 

@@ -343,7 +343,8 @@ def build_backbone(config: ModelConfig) -> VisionTransformer:
 class TDSCLIP(nn.Module):
     """Frozen CLIP ViT + temporal-difference side network + classifier.
 
-    ``model(clips)``: clips (B, T, M, 3, H, W), CLIP-normalised -> logits (B, num_classes).
+    ``model(clips)``: clips (B, T, M, 3, H, W), CLIP-normalised -> logits (B, num_classes). Any T
+    works (the official code fixes it per run; config.num_segments records the training value).
     """
 
     def __init__(self, config: ModelConfig):
@@ -373,11 +374,13 @@ class TDSCLIP(nn.Module):
         return self.head(self.side(clips, self.encode_frames(clips)))
 
     def _check_input(self, clips: torch.Tensor) -> None:
+        # T comes from the input (nothing in the weights depends on it); config.num_segments is what
+        # the model was built and trained for.
         c = self.config
-        expected = (c.num_segments, c.frames_per_segment, 3, c.image_size, c.image_size)
-        if clips.ndim != 6 or tuple(clips.shape[1:]) != expected:
+        expected = (c.frames_per_segment, 3, c.image_size, c.image_size)
+        if clips.ndim != 6 or tuple(clips.shape[2:]) != expected:
             raise ValueError(
-                f"clips must have shape (B, {', '.join(map(str, expected))}) = (B, T, M, 3, H, W); "
+                f"clips must have shape (B, T, {', '.join(map(str, expected))}) = (B, T, M, 3, H, W); "
                 f"got {tuple(clips.shape)}"
             )
 

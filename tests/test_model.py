@@ -101,6 +101,15 @@ def test_bad_input_shape_names_expected_layout(tiny):
         tiny(torch.randn(2, 3, 3, 32, 32))
 
 
+def test_segments_come_from_the_input(tiny):
+    other = tdsclip.build_model(tdsclip.tiny_config(num_segments=5, layers=1)).eval()
+    other.load_state_dict(tiny.state_dict())
+    clips = torch.randn(2, 5, 5, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.eval()(clips), other(clips))
+    tiny.train()
+
+
 def test_official_side_init():
     config = tdsclip.tiny_config(side_dim=128, layers=1)
     model = tdsclip.build_model(config)

@@ -17,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import pipelines
+import tdsclip
 from pipelines.reader import shard_paths
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_to_dict, load_config, save_config
@@ -48,11 +49,25 @@ def loader_options(config: RunConfig, world: World, image_size: int) -> dict:
                 num_threads=data.num_threads, on_error=data.on_error)
 
 
-def build_model(config: RunConfig, log: MetricsLogger) -> torch.nn.Module:
-    import tdsclip
-    from tdsclip.model import ModelConfig
+def build_loaders(config: RunConfig, world: World, model_config, batch_size: int) -> tuple:
+    """The train and val pipelines of this rank (manifests named by data.train_split / data.val_split)."""
+    data, segments = config.data, model_config.num_segments
+    options = loader_options(config, world, model_config.image_size)
+    train = pipelines.loader(shard_paths(data.shards, data.train_split), "train", batch_size, segments, **options,
+                             num_sample=data.num_sample, flip=data.flip, flip_label_map=data.flip_label_map,
+                             grayscale_prob=data.grayscale_prob, randaugment=data.randaugment)
+    val = pipelines.loader(shard_paths(data.shards, data.val_split), "val", data.eval_batch_size, segments, **options)
+    return train, val
 
-    model = tdsclip.build_model(ModelConfig(**config.model.model_kwargs()))
+
+def resolve_precision(config: RunConfig, world: World) -> str:
+    if config.precision != "auto":
+        return config.precision
+    return "bf16" if world.device.type == "cuda" else "fp32"
+
+
+def build_model(config: RunConfig, log: MetricsLogger) -> torch.nn.Module:
+    model = tdsclip.build_model(tdsclip.ModelConfig(**config.model.model_kwargs()))
     if config.model.clip_weights:
         tdsclip.load_clip_weights(model, config.model.clip_weights)
         log.info(f"CLIP weights: {config.model.clip_weights}")
@@ -64,32 +79,33 @@ def build_model(config: RunConfig, log: MetricsLogger) -> torch.nn.Module:
 def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Trainer:
     """Model, data, optimizer, schedule and checkpointer from the config, wired into a Trainer."""
     model = build_model(config, log).to(world.device)
-    precision = config.precision if config.precision != "auto" else ("bf16" if world.device.type == "cuda" else "fp32")
+    precision = resolve_precision(config, world)
     use_compile = config.compile if config.compile is not None else world.device.type == "cuda"
-    per_device, accum = derive_batch(config.data.global_batch_size, world.world_size, config.data.max_device_batch_size)
-    log.info(f"batch: {config.data.global_batch_size} videos per step = {world.world_size} processes x "
-             f"{per_device} per device x {accum} accumulation steps (x{config.data.num_sample} views each); "
-             f"{precision}, torch.compile {'on' if use_compile else 'off'}, device {world.device}")
     data, mcfg = config.data, model.config
-    options = loader_options(config, world, mcfg.image_size)
-    train_loader = pipelines.loader(shard_paths(data.shards, data.train_split), "train", per_device, mcfg.num_segments, **options,
-                                    num_sample=data.num_sample, flip=data.flip, flip_label_map=data.flip_label_map,
-                                    grayscale_prob=data.grayscale_prob, randaugment=data.randaugment)
-    val_loader = pipelines.loader(shard_paths(data.shards, data.val_split), "val", data.eval_batch_size, mcfg.num_segments, **options)
-    train_model = model
+    per_device, accum = derive_batch(data.global_batch_size, world.world_size, data.max_device_batch_size)
+    log.info(f"batch: {data.global_batch_size} videos per step = {world.world_size} processes x "
+             f"{per_device} per device x {accum} accumulation steps (x{data.num_sample} views each); "
+             f"{precision}, torch.compile {'on' if use_compile else 'off'}, device {world.device}")
+    train_loader, val_loader = build_loaders(config, world, mcfg, per_device)
+    train_model = eval_model = model
     if world.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+        device_ids = [world.local_rank] if world.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
     if use_compile:
-        train_model = torch.compile(train_model)
+        train_model, eval_model = torch.compile(train_model), torch.compile(model)
     optim, schedule = config.optim, config.schedule
     optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
                                 eps=optim.eps, clip_ratio=optim.clip_ratio, bn_lr_ratio=optim.bn_lr_ratio)
-    mixup = build_mixup(num_classes=mcfg.num_classes, mixup_alpha=optim.mixup_alpha, cutmix_alpha=optim.cutmix_alpha,
-                        switch_prob=optim.mixup_switch_prob, label_smoothing=optim.label_smoothing) if optim.mixup else None
+    mixup = None
+    if optim.mixup:
+        mixup = build_mixup(num_classes=mcfg.num_classes, mixup_alpha=optim.mixup_alpha,
+                            cutmix_alpha=optim.cutmix_alpha, switch_prob=optim.mixup_switch_prob,
+                            label_smoothing=optim.label_smoothing)
     peak = config.logging.peak_tflops or device_peak_tflops(world.device)
     clip_shape = (mcfg.num_segments, mcfg.frames_per_segment, 3, mcfg.image_size, mcfg.image_size)
     return Trainer(
-        model=model, train_model=train_model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
+        model=model, train_model=train_model, eval_model=eval_model, optimizer=optimizer,
+        train_loader=train_loader, val_loader=val_loader,
         schedule=WarmupCosineSchedule(optimizer, epochs=schedule.epochs, warmup_epochs=schedule.warmup_epochs,
                                       final_factor=schedule.final_factor),
         checkpointer=Checkpointer(config.output_dir, rank=world.rank), metrics=log, world=world,
@@ -126,12 +142,10 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
 
 
 def test(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
-    import tdsclip
-
     model = tdsclip.load_model(args.weights, num_segments=config.model.num_segments).to(world.device)
     crops = args.test_crops or config.eval.test_crops
     clips = args.test_clips or config.eval.test_clips
-    precision = config.precision if config.precision != "auto" else ("bf16" if world.device.type == "cuda" else "fp32")
+    precision = resolve_precision(config, world)
     tars = shard_paths(config.data.shards, config.data.test_split)
     loader = pipelines.loader(tars, "test", config.data.eval_batch_size, model.config.num_segments,
                               **loader_options(config, world, model.config.image_size),

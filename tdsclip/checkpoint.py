@@ -17,9 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tdsclip.weights import FORMAT, model_checkpoint
-
-__all__ = ["Checkpointer", "atomic_save", "model_checkpoint", "rng_state", "set_rng_state"]
+from tdsclip.weights import FORMAT
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

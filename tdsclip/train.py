@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdsclip.checkpoint import Checkpointer, model_checkpoint, rng_state, set_rng_state
+from tdsclip.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdsclip.distributed import World, all_gather_objects, all_reduce_sum
 from tdsclip.metrics import MetricsLogger, StepTimer, host_rss_bytes, peak_device_memory_bytes
 from tdsclip.optim import WarmupCosineSchedule
+from tdsclip.weights import model_checkpoint
 
 GIB = 2**30
 
@@ -67,6 +68,7 @@ class Trainer:
 
     model: nn.Module  # the plain model (state dicts, config)
     train_model: nn.Module  # what the step calls: the model, DDP-wrapped and/or compiled
+    eval_model: nn.Module  # what validation calls: the model, compiled or not (no DDP needed)
     optimizer: torch.optim.Optimizer
     schedule: WarmupCosineSchedule
     train_loader: Any
@@ -145,7 +147,7 @@ class Trainer:
             self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
             is_best = False
             if self.val_loader is not None and self._validates(epoch):
-                result = evaluate(self.train_model, self.val_loader, views=1,
+                result = evaluate(self.eval_model, self.val_loader, views=1,
                                   num_classes=self.model.config.num_classes,
                                   device=self.world.device, precision=self.precision)
                 self.metrics.log(self.state.step, {"val/top1": result["top1"], "val/top5": result["top5"]})

@@ -84,7 +84,7 @@ def make_trainer(tmp_path, *, epochs=2, accum=2, checkpoint_every=0, loader=None
     model = TinyModel()
     optimizer = build_optimizer(model, lr=0.05, weight_decay=0.15)
     return Trainer(
-        model=model, train_model=model, optimizer=optimizer,
+        model=model, train_model=model, eval_model=model, optimizer=optimizer,
         schedule=WarmupCosineSchedule(optimizer, epochs=epochs, warmup_epochs=0.5),
         train_loader=loader or FakeLoader(), val_loader=FakeLoader(num_batches=2, seed=99),
         checkpointer=Checkpointer(tmp_path, rank=0),

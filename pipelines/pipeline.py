@@ -2,8 +2,7 @@
 
 Both read through a ClipSource (pipelines/source.py) and decode on the GPU ("mixed": nvJPEG /
 NVDEC) or the CPU, then make O views per video, each one fused crop+resize (one resampling),
-per-clip mirror, and CLIP normalization. Train adds RandAugment (grayscale is applied by the
-Loader on the torch batch, see augment.grayscale_).
+per-clip mirror, and CLIP normalization. Train adds per-clip grayscale and RandAugment.
 
 Decode modes: "frame" decodes each JPEG as its own sample (biggest decoder batches; any op
 whose parameters come from the source stays per clip because the source repeats them for
@@ -33,7 +32,8 @@ def read_clips(source: ClipSource, decode_device: str, parallel: bool):
     else:
         images = fn.decoders.video(outputs[0], frames=outputs[1], device=decode_device)  # (F, H, W, C)
         params = outputs[2:]
-    return images, [params[i:i + 3] for i in range(0, len(params), 3)]
+    step = source.params_per_view
+    return images, [tuple(params[i:i + step]) + (None,) * (4 - step) for i in range(0, len(params), step)]
 
 
 def _output(images, mirror, dtype, mode: str):
@@ -43,11 +43,13 @@ def _output(images, mirror, dtype, mode: str):
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dtype,
                    randaugment: tuple[int, int] | None, parallel: bool = False):
-    """O = num_sample training views per video: RRC (fused), [RandAugment], mirror, normalize."""
+    """O = num_sample training views per video: RRC (fused), [grayscale], [RandAugment], mirror, normalize."""
     images, views = read_clips(source, decode_device, parallel)
     outputs = []
-    for roi_start, roi_end, mirror in views:
+    for roi_start, roi_end, mirror, gray in views:
         view = augment.crop_resize(images, roi_start, roi_end, image_size, augment.INTERP["train"])
+        if source.grayscale:
+            view = augment.grayscale(view, gray)
         if randaugment is not None:
             view = augment.rand_augment(view, *randaugment, image_size)
         outputs.append(_output(view, mirror, dtype, source.mode))
@@ -60,4 +62,4 @@ def eval_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dt
     images, views = read_clips(source, decode_device, parallel)
     return tuple(_output(augment.crop_resize(images, start, end, image_size, augment.INTERP["eval"]),
                          mirror, dtype, source.mode)
-                 for start, end, mirror in views)
+                 for start, end, mirror, _ in views)

@@ -6,7 +6,8 @@ which matters at GPU rates of 16,000 frames/s). Three modes, one per decode path
 - "frame": one DALI sample per frame: (jpeg, params...); a batch holds B videos x F frames.
 - "stack": one DALI sample per video: (jpeg_0 .. jpeg_{F-1}, params...), stacked after decoding.
 - "video": one DALI sample per video: (webm, frame indices, params...).
-params are, for each of the O views: roi_start (y0, x0), roi_end (y1, x1), mirror.
+params are, for each of the O views: roi_start (y0, x0), roi_end (y1, x1), mirror, and gray
+(bool) when the graph converts to grayscale.
 The callable is picklable (no open files, compact arrays) so DALI can run it in worker processes.
 """
 
@@ -21,14 +22,15 @@ MODES = ("frame", "stack", "video")
 class ClipSource:
     """Per-batch callback for `fn.external_source(batch=True, batch_info=True)`, from batch `start` on."""
 
-    def __init__(self, plan: EpochPlan, samples: list[Sample], mode: str, start: int = 0):
+    def __init__(self, plan: EpochPlan, samples: list[Sample], mode: str, start: int = 0,
+                 grayscale: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         first = start * plan.batch_size
         rows = plan.sample[first:]
-        self.mode, self.batch_size = mode, plan.batch_size
+        self.mode, self.grayscale, self.batch_size = mode, grayscale, plan.batch_size
         self.frames = plan.frames[first:]  # (R, F)
-        self.roi, self.mirror = plan.roi[first:], plan.mirror[first:]
+        self.roi, self.mirror, self.gray = plan.roi[first:], plan.mirror[first:], plan.gray[first:]
         self.tars = sorted({samples[i].tar for i in rows})
         tar_id = {tar: i for i, tar in enumerate(self.tars)}
         self.tar = np.array([tar_id[samples[i].tar] for i in rows], dtype=np.int32)
@@ -42,7 +44,11 @@ class ClipSource:
     @property
     def num_outputs(self) -> int:
         encoded = {"frame": 1, "stack": self.frames.shape[1], "video": 2}[self.mode]
-        return encoded + 3 * self.roi.shape[1]
+        return encoded + self.params_per_view * self.roi.shape[1]
+
+    @property
+    def params_per_view(self) -> int:
+        return 4 if self.grayscale else 3
 
     def __call__(self, info) -> list[list[np.ndarray]]:
         """Batch `info.iteration` (relative to `start`): one list per output, B (or B*F) samples each."""
@@ -70,4 +76,6 @@ class ClipSource:
         for view in range(self.roi.shape[1]):
             roi = self.roi[row, view]
             outputs += [roi[:2], roi[2:], np.asarray(self.mirror[row, view])]
+            if self.grayscale:
+                outputs.append(np.asarray(self.gray[row, view]))
         return tuple(outputs)

@@ -107,7 +107,7 @@ def test_train_batch_shapes_dtype_and_expected_frames(frame_shards):
                             num_threads=1, **SIZE)
     assert len(data) == 3 and data.num_samples == 6
     seen = []
-    for batch in data:
+    for batch in list(data):  # held batches must stay intact while later ones are made (zero-copy)
         assert batch["clips"].shape == (4, 4, 5, 3, 16, 16) and batch["clips"].dtype == torch.float32
         assert batch["label"].dtype == torch.int64 and batch["label"].shape == (4,)
         assert batch["key"][0] == batch["key"][1] and batch["key"][2] == batch["key"][3]
@@ -305,6 +305,15 @@ def test_decode_error_skip_counts_and_marks_invalid(broken_shards):
     assert [s.rsplit(":", 1)[1] for s in data.skipped] == ["v002"]
     valid = [k for b in batches for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
     assert valid == ["v000", "v001", "v003"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_output_dtype(frame_shards, dtype):
+    data = pipelines.loader(frame_shards, "test", 2, num_segments=2, dtype=dtype, num_threads=1, **SIZE)
+    batch = next(iter(data))
+    assert batch["clips"].dtype == dtype
+    expected = sampling.window(sampling.test_centres(30, 2, 1), 30)[0]
+    np.testing.assert_array_equal(decoded_indices(batch["clips"])[0], expected)
 
 
 def test_reader_worker_processes_give_the_same_batches(frame_shards):

@@ -19,12 +19,13 @@ from torch.nn.parallel import DistributedDataParallel
 import pipelines
 import tdsclip
 from pipelines.reader import shard_paths
+from shards.manifest import ShardFormatError
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_to_dict, load_config, save_config
 from tdsclip.distributed import World, close_distributed, init_distributed
 from tdsclip.metrics import MetricsLogger, device_peak_tflops, train_flops_per_clip
 from tdsclip.optim import WarmupCosineSchedule, build_optimizer
-from tdsclip.train import Trainer, build_mixup, derive_batch, evaluate, write_results
+from tdsclip.train import NonFiniteLossError, Trainer, build_mixup, derive_batch, evaluate, write_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                         progress=config.logging.progress)
     try:
         (test if args.test else train)(config, args, world, log)
+    except (FileNotFoundError, ShardFormatError, tdsclip.CheckpointError, NonFiniteLossError) as error:
+        print(f"error: {error}", file=sys.stderr)  # the message names the file or key; no traceback needed
+        return 1
     finally:
         log.close()
         close_distributed()

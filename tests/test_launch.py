@@ -56,6 +56,12 @@ def test_bad_config_exits_with_the_key(tmp_path, capsys):
     assert "optim.lrr: unknown key; valid keys here: lr," in capsys.readouterr().err
 
 
+def test_missing_shards_is_a_clear_error(tmp_path, capsys):
+    args = ["--cfg", str(ROOT / "configs/demo.yaml"), f"data.shards={tmp_path}", f"output_dir={tmp_path}/run"]
+    assert launch.main(args) == 1
+    assert f"error: {tmp_path}/train.manifest.json: manifest not found" in capsys.readouterr().err
+
+
 def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0

@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# All GPU benchmarks in one go (model step, data pipeline, shard decode), for one GPU and its share
-# of host cores. Results: JSON files and a log per benchmark under OUT_DIR.
-#   tools/bench_gpu.sh OUT_DIR [THREADS]
+# The GPU benchmarks in one go (model step, data pipeline, shard decode) for one GPU and its share
+# of host cores. JSON results and a log per benchmark go to OUT_DIR.
+#   tools/bench_gpu.sh OUT_DIR [THREADS [STEP ...]]   STEP: model_vitb16 pipeline shards model_vitl14
 set -uo pipefail
-out=${1:?usage: tools/bench_gpu.sh OUT_DIR [THREADS]}
+out=${1:?usage: tools/bench_gpu.sh OUT_DIR [THREADS [STEP ...]]}
 threads=${2:-$(nproc)}
+shift $(( $# < 2 ? $# : 2 ))
+steps=${*:-model_vitb16 pipeline shards model_vitl14}
+python=${PYTHON:-python3}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
+run_step() {  # run_step NAME SECONDS COMMAND...: a time limit each, and keep going on failure
   local name=$1 limit=$2; shift 2
+  [[ " $steps " == *" $name "* ]] || return 0
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)"
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log" | grep -v -E "^\s*$" | tail -n 25
-  echo "=== $name exit ${PIPESTATUS[0]}"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  echo "=== $name exit $?"
+  grep -v -E "^\s*$|Warning|warn\(" "$out/$name.log" | tail -n 22
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
-step model_vitb16 240 python3 tools/bench_model.py --arch ViT-B-16 --batch 32 --segments 8 --device cuda \
+run_step model_vitb16 200 "$python" tools/bench_model.py --arch ViT-B-16 --batch 32 --segments 8 --device cuda \
   --rounds 3 --steps 10 --warmup 3 --json "$out/model_vitb16.json"
-step pipeline 240 python3 tools/bench_pipeline.py --device cuda --batch-size 32 --threads "$threads" --seconds 10 \
-  --json "$out/pipeline.json"
-step shards 150 python3 tools/bench_shards.py --device gpu --threads "$threads" --clips-per-batch 32 --seconds 2 --repeats 2
-step model_vitl14 200 python3 tools/bench_model.py --arch ViT-L-14 --batch 32 --segments 8 --device cuda \
+run_step pipeline 220 "$python" tools/bench_pipeline.py --device cuda --batch-size 32 --threads "$threads" \
+  --seconds 8 --json "$out/pipeline.json"
+run_step shards 100 "$python" tools/bench_shards.py --device gpu --threads "$threads" --clips-per-batch 32 \
+  --seconds 2 --repeats 2
+run_step model_vitl14 200 "$python" tools/bench_model.py --arch ViT-L-14 --batch 32 --segments 8 --device cuda \
   --rounds 2 --steps 5 --warmup 3 --json "$out/model_vitl14.json"

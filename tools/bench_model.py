@@ -123,6 +123,17 @@ def make_step(model, clips, labels, device, amp_dtype, scaler, fused):
     return step
 
 
+def bf16_logit_gap(model, clips) -> float:
+    """Max |bf16-autocast logits - fp32 logits| / max |fp32 logits| (eval mode): a device sanity check."""
+    model.eval()
+    with torch.no_grad():
+        reference = model(clips)
+        with torch.autocast(clips.device.type, dtype=torch.bfloat16):
+            low = model(clips).float()
+    model.train()
+    return ((low - reference).abs().max() / reference.abs().max()).item()
+
+
 def count_flops(model, clips, labels) -> int:
     """FLOPs of one forward + backward (matmuls, convs, attention), counted eagerly."""
     with FlopCounterMode(display=False) as counter:
@@ -173,6 +184,7 @@ def run(args: argparse.Namespace) -> dict:
                         config.image_size, config.image_size, device=device)
     labels = torch.randint(config.num_classes, (args.batch,), device=device)
 
+    precision_gap = bf16_logit_gap(our_model, clips)
     bf16_rate = matmul_rate(device, torch.bfloat16)
     fp32_rate = matmul_rate(device, torch.float32)
     use_bf16 = device.type == "cuda" or bf16_rate > 1.2 * fp32_rate  # bf16 only where it pays
@@ -211,6 +223,7 @@ def run(args: argparse.Namespace) -> dict:
         "ours_precision": "bf16" if use_bf16 else "fp32",
         "compiled": not args.no_compile,
         "gflop_per_clip": flops / args.batch / 1e9,
+        "bf16_logit_gap": precision_gap,
         "bf16_matmul_tflops": bf16_rate / 1e12,
         "fp32_matmul_tflops": fp32_rate / 1e12,
     }
@@ -232,7 +245,8 @@ def report(results: dict) -> None:
     print(f"device {results['device']}; arch {c['arch'] or 'custom'} (width {c['width']}, layers {c['layers']}, "
           f"image {c['image_size']}), side_dim {c['side_dim']}, batch {c['batch']}, T {c['segments']}")
     print(f"{results['gflop_per_clip']:.1f} GFLOP per training clip; matmul rate bf16 "
-          f"{results['bf16_matmul_tflops']:.2f} TFLOP/s, fp32 {results['fp32_matmul_tflops']:.2f} TFLOP/s")
+          f"{results['bf16_matmul_tflops']:.2f} TFLOP/s, fp32 {results['fp32_matmul_tflops']:.2f} TFLOP/s; "
+          f"bf16 logits within {100 * results['bf16_logit_gap']:.2f}% of fp32")
     print(f"{'':10s}{'clips/s':>10s}{'step s':>10s}{'peak GiB':>10s}{'TFLOP/s':>10s}{'MFU':>8s}")
     for name in ("baseline", "ours"):
         r = results[name]

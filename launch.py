@@ -99,6 +99,9 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
                                 eps=optim.eps, clip_ratio=optim.clip_ratio, bn_lr_ratio=optim.bn_lr_ratio)
     mixup = None
     if optim.mixup:
+        if per_device * data.num_sample % 2:
+            raise ConfigError(f"optim.mixup mixes pairs: the per-device batch ({per_device} videos x "
+                              f"{data.num_sample} views) must be even; change data.global_batch_size")
         mixup = build_mixup(num_classes=mcfg.num_classes, mixup_alpha=optim.mixup_alpha,
                             cutmix_alpha=optim.cutmix_alpha, switch_prob=optim.mixup_switch_prob,
                             label_smoothing=optim.label_smoothing)
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                         progress=config.logging.progress)
     try:
         (test if args.test else train)(config, args, world, log)
-    except (FileNotFoundError, ShardFormatError, tdsclip.CheckpointError, NonFiniteLossError) as error:
+    except (ConfigError, FileNotFoundError, ShardFormatError, tdsclip.CheckpointError, NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)  # the message names the file or key; no traceback needed
         return 1
     finally:

@@ -62,6 +62,13 @@ def test_missing_shards_is_a_clear_error(tmp_path, capsys):
     assert f"error: {tmp_path}/train.manifest.json: manifest not found" in capsys.readouterr().err
 
 
+def test_mixup_needs_an_even_device_batch(shards, tmp_path, capsys):
+    args = ["--cfg", str(ROOT / "configs/demo.yaml"),
+            *overrides(shards, tmp_path / "run", "optim.mixup=true", "data.global_batch_size=3")]
+    assert launch.main(args) == 1
+    assert "optim.mixup mixes pairs" in capsys.readouterr().err
+
+
 def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0

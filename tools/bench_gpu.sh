@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go (model step, data pipeline, shard decode) for one GPU and its share
 # of host cores. JSON results and a log per benchmark go to OUT_DIR.
-#   tools/bench_gpu.sh OUT_DIR [THREADS [STEP ...]]   STEP: model_vitb16 pipeline shards model_vitl14
+#   tools/bench_gpu.sh OUT_DIR [THREADS [STEP ...]]   STEP: model_vitb16 pipeline train shards model_vitl14
 set -uo pipefail
 out=${1:?usage: tools/bench_gpu.sh OUT_DIR [THREADS [STEP ...]]}
 threads=${2:-$(nproc)}
 shift $(( $# < 2 ? $# : 2 ))
-steps=${*:-model_vitb16 pipeline shards model_vitl14}
+steps=${*:-model_vitb16 pipeline train shards model_vitl14}
 python=${PYTHON:-python3}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -25,7 +25,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 run_step model_vitb16 200 "$python" tools/bench_model.py --arch ViT-B-16 --batch 32 --segments 8 --device cuda \
   --rounds 3 --steps 10 --warmup 3 --json "$out/model_vitb16.json"
 run_step pipeline 220 "$python" tools/bench_pipeline.py --device cuda --batch-size 32 --threads "$threads" \
-  --seconds 8 --json "$out/pipeline.json"
+  --seconds 8 --work /tmp/bench_work --json "$out/pipeline.json"
+run_step train 200 "$python" tools/bench_train.py --cfg configs/k400/vitb16.yaml --steps 20 --warmup 5 \
+  data.shards=/tmp/bench_work/shards/frames model.clip_weights=null data.global_batch_size=32 \
+  data.max_device_batch_size=32 output_dir=/tmp/bench_train_run
 run_step shards 100 "$python" tools/bench_shards.py --device gpu --threads "$threads" --clips-per-batch 32 \
   --seconds 2 --repeats 2
 run_step model_vitl14 200 "$python" tools/bench_model.py --arch ViT-L-14 --batch 32 --segments 8 --device cuda \

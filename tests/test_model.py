@@ -195,3 +195,21 @@ def test_arch_fills_sizes():
 def test_config_errors_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
         tdsclip.ModelConfig(**fields)
+
+
+def test_bench_model_tool_runs(tmp_path):
+    """tools/bench_model.py end to end on the tiny config (eager both sides; timing is not asserted)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_model", Path(__file__).parents[1] / "tools" / "bench_model.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclass looks itself up there
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--arch", "custom", "--batch", "1", "--segments", "2", "--rounds", "1", "--steps", "1",
+                             "--warmup", "1", "--no-compile", "--json", str(tmp_path / "r.json")])
+    results = bench.run(args)
+    bench.report(results)
+    assert results["gflop_per_clip"] > 0 and results["bf16_logit_gap"] < 0.03
+    assert results["ours"]["clips_per_s"] > 0 and results["baseline"]["mfu"] > 0
+    assert results["speedup"] == pytest.approx(results["ours"]["clips_per_s"] / results["baseline"]["clips_per_s"])

@@ -322,3 +322,39 @@ def test_reader_worker_processes_give_the_same_batches(frame_shards):
                                           py_workers=py_workers, **SIZE)))
     a, b = first(0), first(2)
     assert a["key"] == b["key"] and torch.equal(a["clips"], b["clips"])
+
+
+def test_train_skip_replaces_the_bad_video(broken_shards):
+    data = pipelines.loader(list(map(str, sorted(broken_shards.glob("test-*.tar")))), "train", 2, num_segments=2,
+                            num_threads=1, on_error="skip", seed=1, **SIZE)
+    keys = [k for b in data for k in b["key"]]
+    assert len(keys) == 4 and "v002" not in keys and len(data.skipped) == 1
+    assert data.state_dict()["skipped"] == [2]
+
+
+def test_truncated_shard_names_shard_and_key(tmp_path):
+    write_shards(tmp_path, "test", indexed_videos(2, frames=6))
+    tar = tmp_path / "test-000000.tar"
+    tar.write_bytes(tar.read_bytes()[:2048])  # cut inside v000's frames
+    data = pipelines.loader([str(tar)], "test", 2, num_segments=2, num_threads=1, **SIZE)
+    with pytest.raises(pipelines.ShardReadError, match=r"test-000000\.tar: sample 'v00\d'.*(truncated|decode)"):
+        list(data)
+
+
+def test_load_state_dict_rejects_another_seed(frame_shards):
+    state = pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=1, **SIZE).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=2, **SIZE).load_state_dict(state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (DALI mixed backend)")
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_gpu_path_decodes_the_same_frames(frame_shards, split):
+    options = dict(num_segments=4, seed=3, num_threads=2, grayscale_prob=0.5, flip="plain", **SIZE)
+    gpu = pipelines.loader(frame_shards, split, 2, device="cuda", **options)
+    cpu = pipelines.loader(frame_shards, split, 2, device="cpu", **options)
+    for a, b in zip(gpu, cpu):
+        assert a["clips"].device.type == "cuda" and a["label"].device.type == "cuda"
+        assert a["key"] == b["key"]
+        np.testing.assert_array_equal(decoded_indices(a["clips"]), decoded_indices(b["clips"]))
+        torch.testing.assert_close(a["clips"].cpu(), b["clips"], atol=0.1, rtol=0)

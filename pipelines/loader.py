@@ -36,6 +36,8 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
             default the Something-Something v2 left/right pairs).
         randaugment: e.g. "rand-m7-n4-mstd0.5" (train only; DALI auto_aug, one draw per clip).
         on_error: "raise" (error naming shard and key) or "skip" (drop the sample, count it).
+        num_threads: DALI CPU threads; default: the cores this process may use divided by
+            LOCAL_WORLD_SIZE (set by torchrun), so ranks on a node do not oversubscribe it.
         py_workers: processes reading shard bytes for DALI (0 = in the DALI feeding thread).
     """
     spec = ClipSpec(split=split, num_segments=num_segments, image_size=image_size, resize=resize,
@@ -75,7 +77,7 @@ class Loader:
         layout = self.samples[0].layout
         self.mode = "video" if layout == "video" else "stack" if self.randaugment else "frame"
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-        self.num_threads = num_threads or len(os.sched_getaffinity(0))
+        self.num_threads = num_threads or _default_threads()
         self._skipped_ids: set[int] = set()
         self._epoch, self._position = 0, 0
         self._plan_cache: tuple | None = None
@@ -215,6 +217,11 @@ class Loader:
         if self.on_error == "raise":
             raise next(iter(bad.values())) from error
         self._skipped_ids.update(bad)
+
+
+def _default_threads() -> int:
+    """This process's share of the cores: torchrun starts LOCAL_WORLD_SIZE processes per node."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _cuda_index(device: torch.device) -> int:

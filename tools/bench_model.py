@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> dict:
         results[side.name] = {
             "clips_per_s": args.batch / step_time,
             "step_s": step_time,
+            "step_s_each": side.step_times,
             "peak_mem_gib": side.peak_bytes / 2**30,
             "tflops": flops / step_time / 1e12,
             "mfu": flops / step_time / bf16_rate,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tdsclip import ModelConfig, build_model, tiny_config, trainable_parameters  # noqa: E402
+from tdsclip import ModelConfig, build_model, load_clip_weights, tiny_config, trainable_parameters  # noqa: E402
 
 
 @dataclass
@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=2, help="custom arch only")
     p.add_argument("--patch", type=int, default=8, help="custom arch only")
     p.add_argument("--image", type=int, default=32, help="custom arch only")
+    p.add_argument("--clip-weights", type=Path, default=None,
+                   help="local CLIP file for the backbone (random weights otherwise: a random ViT-B is chaotic, "
+                        "so its bf16-vs-fp32 logit gap says little)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each: --steps of baseline, then ours)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
@@ -177,7 +180,10 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     config = model_config(args)
-    baseline_model = build_model(config).to(device).train()
+    baseline_model = build_model(config)
+    if args.clip_weights:
+        load_clip_weights(baseline_model, args.clip_weights)
+    baseline_model = baseline_model.to(device).train()
     our_model = build_model(config).to(device).train()
     our_model.load_state_dict(baseline_model.state_dict())
     clips = torch.randn(args.batch, config.num_segments, config.frames_per_segment, 3,

@@ -176,7 +176,27 @@ def peak_step_memory(step, device: torch.device) -> int:
     return max(peak[0], _rss_bytes()) - before
 
 
+def measure(sides: list[Side], args: argparse.Namespace, device: torch.device) -> None:
+    """Warm up (and compile) each side, take its peak memory, then time steps in alternating rounds."""
+    for side in sides:
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            side.step()
+        sync(device)
+        print(f"{side.name}: warm-up {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        side.peak_bytes = peak_step_memory(side.step, device)
+    for _ in range(args.rounds):
+        for side in sides:
+            for _ in range(args.steps):
+                sync(device)
+                start = time.perf_counter()
+                side.step()
+                sync(device)
+                side.step_times.append(time.perf_counter() - start)
+
+
 def run(args: argparse.Namespace) -> dict:
+    """Build both sides, measure them, and return the figures (see ``report``)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     config = model_config(args)
@@ -206,22 +226,7 @@ def run(args: argparse.Namespace) -> dict:
     ours = make_step(compiled, clips, labels, device, torch.bfloat16 if use_bf16 else None, None, True)
     sides = [Side("baseline", baseline, []), Side("ours", ours, [])]
 
-    for side in sides:
-        start = time.perf_counter()
-        for _ in range(args.warmup):
-            side.step()
-        sync(device)
-        print(f"{side.name}: warm-up {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        side.peak_bytes = peak_step_memory(side.step, device)
-    for _ in range(args.rounds):
-        for side in sides:
-            for _ in range(args.steps):
-                sync(device)
-                start = time.perf_counter()
-                side.step()
-                sync(device)
-                side.step_times.append(time.perf_counter() - start)
-
+    measure(sides, args, device)
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "config": {"arch": config.arch, "width": config.width, "layers": config.layers, "image_size": config.image_size,

@@ -141,10 +141,11 @@ def official_to_ours(state: dict[str, torch.Tensor], model: TDSCLIP) -> dict[str
             unexpected.append(name)
             continue
         target = expected[our_name]
-        if tensor.numel() != target.numel() or (tensor.dim() == target.dim() and tensor.shape != target.shape):
+        official_shape = _official_shape(name, target).shape
+        if tensor.shape != official_shape:
             raise CheckpointError(
                 f"official key {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(_official_shape(name, target).shape)} (sizes inferred or configured wrongly?)"
+                f"{tuple(official_shape)} (sizes inferred or configured wrongly?)"
             )
         ours[our_name] = tensor.reshape(target.shape)
     missing = [our_name_to_official(k) for k in expected if k not in ours]

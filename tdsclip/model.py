@@ -140,6 +140,26 @@ class ChannelNorm(nn.BatchNorm1d):
         return super().forward(rows).reshape(x.shape).to(x.dtype)
 
 
+def patch_conv3d(frames: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """``conv`` (kernel (3, p, p), stride (1, p, p), padding 1) as three patch matmuls, channels-last.
+
+    frames: (B, T, C, H, W) -> (B, T, h * w, D). The spatial stride equals the kernel, so after
+    padding each output position reads one non-overlapping p x p patch of frames t-1, t and t+1: one
+    matmul per temporal tap. Matmuls keep bf16 exact on CPUs where oneDNN's bf16 conv is not (wrong
+    results for >= 8 input channels, measured) and need no conv algorithm search on GPUs.
+    """
+    p, T = conv.kernel_size[-1], frames.shape[1]
+    h, w = (frames.shape[-2] + 2 - p) // p + 1, (frames.shape[-1] + 2 - p) // p + 1
+    padded = F.pad(frames, (1, 1, 1, 1, 0, 0, 1, 1))[..., : h * p, : w * p]  # (B, T + 2, C, h p, w p)
+    patches = rearrange(padded, "b t c (h p1) (w p2) -> b t (h w) (c p1 p2)", p1=p, p2=p)
+    device = patches.device.type
+    if torch.is_autocast_enabled(device):  # cast once: the three taps read overlapping slices
+        patches = patches.to(torch.get_autocast_dtype(device))
+    taps = rearrange(conv.weight, "d c k p1 p2 -> k (c p1 p2) d")
+    out = patches[:, :T] @ taps[0] + patches[:, 1 : T + 1] @ taps[1] + patches[:, 2:] @ taps[2]
+    return out + conv.bias
+
+
 class SideStem(nn.Module):
     """SME-Adapter: centre frame + 0.5 * frame differences, each a (3, p, p) conv and BatchNorm."""
 
@@ -147,21 +167,17 @@ class SideStem(nn.Module):
         super().__init__()
         self.centre = frames_per_segment // 2
         conv = dict(kernel_size=(3, patch_size, patch_size), stride=(1, patch_size, patch_size), padding=1)
-        self.frame_conv = nn.Conv3d(3, side_dim, **conv)
+        self.frame_conv = nn.Conv3d(3, side_dim, **conv)  # holds the weights; computed by patch_conv3d
         self.frame_norm = ChannelNorm(side_dim)
         self.diff_conv = nn.Conv3d(3 * (frames_per_segment - 1), side_dim, **conv)
         self.diff_norm = ChannelNorm(side_dim)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         # clips: (B, T, M, 3, H, W) -> side stream (B, T, L, D)
-        frame = rearrange(clips[:, :, self.centre], "b t c h w -> b c t h w")
-        diffs = rearrange(clips[:, :, 1:] - clips[:, :, :-1], "b t m c h w -> b (m c) t h w")
-        # oneDNN's bf16 convolutions return wrong numbers on some CPUs for 8 or more input channels
-        # (relative error ~1 for these 12-channel differences, measured), so on CPU they run in fp32.
-        with torch.autocast("cpu", enabled=False):
-            frame = rearrange(self.frame_conv(frame.float()), "b d t h w -> b t (h w) d")
-            diffs = rearrange(self.diff_conv(diffs.float()), "b d t h w -> b t (h w) d")
-        return self.frame_norm(frame) + 0.5 * self.diff_norm(diffs)
+        frame = clips[:, :, self.centre]  # (B, T, 3, H, W)
+        diffs = rearrange(clips[:, :, 1:] - clips[:, :, :-1], "b t m c h w -> b t (m c) h w")
+        frame = self.frame_norm(patch_conv3d(frame, self.frame_conv))
+        return frame + 0.5 * self.diff_norm(patch_conv3d(diffs, self.diff_conv))
 
 
 class BackboneTap(nn.Module):

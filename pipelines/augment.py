@@ -78,26 +78,40 @@ def to_stored_roi(window: tuple[int, int, int, int], scaled: tuple[int, int], st
     return np.array([y * sy, x * sx, (y + h) * sy, (x + w) * sx], dtype=np.float32)
 
 
-def parse_randaugment(spec: str) -> tuple[int, int]:
-    """Parse a timm-style "rand-m7-n4[-mstd0.5][-inc1]" into (n, m) on timm's 0-10 magnitude scale.
+def parse_randaugment(spec: str) -> tuple[int, int, float]:
+    """Parse a timm-style "rand-m7-n4[-mstd0.5][-inc1]" into (n, m, mstd), m on timm's 0-10 scale.
 
-    DALI's RandAugment has no magnitude noise: mstd is accepted and not applied (docs/pipelines.md).
+    Magnitudes always increase with m (timm's "inc1"; DALI's monotonic suite).
     """
     parts = spec.split("-")
     if parts[0] != "rand":
         raise ValueError(f"randaugment must look like 'rand-m7-n4-mstd0.5', got {spec!r}")
-    n, m = 2, 10
+    n, m, mstd = 2, 10, 0.0
     for part in parts[1:]:
         key, value = re.match(r"([a-z]+)(.*)", part).groups()
         if key == "m":
             m = int(value)
         elif key == "n":
             n = int(value)
-        elif key not in ("mstd", "inc"):
+        elif key == "mstd":
+            mstd = float(value)
+        elif key != "inc":
             raise ValueError(f"randaugment {spec!r}: unknown part {part!r} (valid: m, n, mstd, inc)")
     if not 0 <= m <= 10:
         raise ValueError(f"randaugment {spec!r}: magnitude m must be in 0..10")
-    return n, m
+    if n < 1 or not 0 <= mstd < math.inf:
+        raise ValueError(f"randaugment {spec!r}: n must be >= 1 and mstd finite and >= 0")
+    return n, m, mstd
+
+
+# RandAugment operations: DALI's monotonic suite (nvidia.dali.auto_aug.rand_augment), indexed by the
+# op numbers that plan.py draws per clip. Magnitudes 0-10 in steps of 1/RA_BINS_PER_UNIT.
+RA_OPS = ("translate_x", "translate_y", "shear_x", "shear_y", "rotate", "brightness", "contrast", "color",
+          "sharpness", "posterize", "solarize", "equalize", "auto_contrast", "identity")
+RA_NUM_OPS = len(RA_OPS)
+RA_IDENTITY = RA_OPS.index("identity")
+RA_BINS_PER_UNIT = 10
+RA_NUM_BINS = 10 * RA_BINS_PER_UNIT + 1
 
 
 # ---------------------------------------------------------------- DALI operators
@@ -120,11 +134,31 @@ def grayscale(images, gray):
     return images
 
 
-def rand_augment(images, n: int, m: int, size: int):
-    """timm-style RandAugment (increasing magnitudes, 0-10 scale) with one draw per clip."""
+def _rand_augment_suite():
     from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
 
-    return dali_rand_augment.rand_augment(images, n=n, m=m, num_magnitude_bins=11, shape=(size, size))
+    suite = dali_rand_augment.get_rand_augment_suite(use_shape=True)
+    names = tuple(op.name.rsplit(".", 1)[-1] for op in suite)
+    if names != RA_OPS:  # the op numbers in plans must mean the same operations
+        raise RuntimeError(f"DALI's RandAugment suite changed: {names}, expected {RA_OPS}")
+    return suite
+
+
+def rand_augment(images, draws, n: int, size: int):
+    """RandAugment with the ops and magnitudes drawn in numpy per clip (plan.ra), nvidia.dali.auto_aug ops.
+
+    `draws` is a (3, n) int32 input per sample: op index, magnitude bin, negate, per level. The
+    source repeats a clip's draws for each of its frames, so all frames get the same operations;
+    each level is a DALI conditional, so every op runs once on the frames that chose it.
+    """
+    from nvidia.dali.auto_aug.core import select, signed_bin
+
+    suite = _rand_augment_suite()
+    for level in range(n):
+        magnitude = signed_bin(draws[1, level], draws[2, level])
+        images = select(suite, draws[0, level], data=images, magnitude_bin=magnitude,
+                        num_magnitude_bins=RA_NUM_BINS, shape=(size, size), fill_value=128)
+    return images
 
 
 def normalize(images, mirror, dtype, layout: str):

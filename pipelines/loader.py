@@ -9,11 +9,15 @@ from nvidia.dali import types
 
 from pipelines import augment
 from pipelines.pipeline import eval_pipeline, train_pipeline
-from pipelines.plan import ClipSpec, EpochPlan, make_plan, rank_rows
+from pipelines.plan import ClipSpec, EpochPlan, Planner, rank_rows
 from pipelines.reader import ShardFiles, ShardReadError, check_sample, read_samples, shard_paths
 from pipelines.source import ClipSource
 
 ON_ERROR = ("raise", "skip")
+# Reader processes on CUDA (py_workers=None). The source runs ~N clips/s per process (see
+# docs/pipelines.md, GPU notes): 2 processes cover 400 clips/s with a wide margin and keep the
+# training loop's thread free; more only cost memory (each holds the shard index).
+GPU_PY_WORKERS = 2
 
 
 def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_segments: int = 8, *,
@@ -22,7 +26,7 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
            num_sample: int = 1, flip: str = "none", flip_label_map: dict[int, int] | None = None,
            grayscale_prob: float = 0.0, randaugment: str | None = None, test_crops: int = 1,
            test_clips: int = 1, num_threads: int | None = None, on_error: str = "raise",
-           py_workers: int = 0) -> "Loader":
+           py_workers: int | None = None, hw_decoder_load: float | None = None) -> "Loader":
     """A Loader over `split` of `shards` (a directory with `<split>.manifest.json`, or a list of tars).
 
     Args:
@@ -38,14 +42,19 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
         on_error: "raise" (error naming shard and key) or "skip" (drop the sample, count it).
         num_threads: DALI CPU threads; default: the cores this process may use divided by
             LOCAL_WORLD_SIZE (set by torchrun), so ranks on a node do not oversubscribe it.
-        py_workers: processes reading shard bytes for DALI (0 = in the DALI feeding thread).
+        py_workers: processes that read shard bytes for DALI (DALI's parallel external source,
+            spawned); 0 = in the thread that runs the pipeline (the training loop's). None:
+            GPU_PY_WORKERS on CUDA, where that thread must stay free, 0 on the CPU.
+        hw_decoder_load: share of JPEGs that the GPU's hardware JPEG engines decode (DALI's
+            `hw_decoder_load`, mixed decoder only); None keeps DALI's default (0.65).
     """
     spec = ClipSpec(split=split, num_segments=num_segments, image_size=image_size, resize=resize,
                     num_sample=num_sample, flip=flip, flip_label_map=flip_label_map,
-                    grayscale_prob=grayscale_prob, test_crops=test_crops, test_clips=test_clips)
+                    grayscale_prob=grayscale_prob, test_crops=test_crops, test_clips=test_clips,
+                    randaugment=augment.parse_randaugment(randaugment) if randaugment and split == "train" else None)
     return Loader(shard_paths(shards, split), spec, batch_size, rank=rank, world_size=world_size, seed=seed,
-                  device=device, dtype=dtype, randaugment=randaugment, num_threads=num_threads,
-                  on_error=on_error, py_workers=py_workers)
+                  device=device, dtype=dtype, num_threads=num_threads, on_error=on_error, py_workers=py_workers,
+                  hw_decoder_load=hw_decoder_load)
 
 
 class Loader:
@@ -59,11 +68,17 @@ class Loader:
     The position advances as batches are yielded; after the last batch of epoch e the loader
     stands at epoch e+1, batch 0. set_epoch(e) moves to epoch e (keeping the position if the
     loader is already in epoch e); state_dict()/load_state_dict() save and restore it.
+
+    One DALI pipeline serves consecutive epochs: its source streams batch after batch over epoch
+    boundaries (pipelines/source.py), so a new epoch costs no build and finds the pipeline's
+    prefetch queue already filled. It is rebuilt only when the position jumps (set_epoch to
+    another epoch, load_state_dict) or after a skipped sample.
     """
 
     def __init__(self, tars: list[str], spec: ClipSpec, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, device=None, dtype: torch.dtype = torch.float32, randaugment: str | None = None,
-                 num_threads: int | None = None, on_error: str = "raise", py_workers: int = 0):
+                 seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
+                 num_threads: int | None = None, on_error: str = "raise", py_workers: int | None = None,
+                 hw_decoder_load: float | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if on_error not in ON_ERROR:
@@ -71,21 +86,26 @@ class Loader:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
-        self.seed, self.dtype, self.on_error, self.py_workers = seed, dtype, on_error, py_workers
+        self.seed, self.dtype, self.on_error = seed, dtype, on_error
         self.samples = read_samples(tars)
-        self.randaugment = augment.parse_randaugment(randaugment) if randaugment and spec.train else None
-        layout = self.samples[0].layout
-        self.mode = "video" if layout == "video" else "stack" if self.randaugment else "frame"
+        self.mode = "video" if self.samples[0].layout == "video" else "frame"
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         self.num_threads = num_threads or _default_threads()
+        cuda = self.device.type == "cuda"
+        self.py_workers = py_workers if py_workers is not None else GPU_PY_WORKERS if cuda else 0
+        if self.py_workers < 0:
+            raise ValueError(f"py_workers must be >= 0, got {py_workers}")
+        self.hw_decoder_load = hw_decoder_load
         self._skipped_ids: set[int] = set()
         self._epoch, self._position = 0, 0
-        self._plan_cache: tuple | None = None
         rank_rows(len(self.samples), batch_size, rank, world_size, shuffle=False)  # validates rank
+        self._planner = self._new_planner()
+        self._batches_per_epoch = self._planner.num_batches
+        self._pipe, self._pipe_planner, self._pipe_next = None, None, -1  # global batch the pipe yields next
 
     # --- size and position -----------------------------------------------------------------
     def __len__(self) -> int:
-        return self._plan(self._epoch).num_batches
+        return self._batches_per_epoch
 
     @property
     def num_samples(self) -> int:
@@ -123,7 +143,6 @@ class Loader:
                 raise ValueError(f"loader state: {name} {state[name]} was saved, this loader has {mine}")
         self._skipped_ids = set(state.get("skipped", ()))
         self._epoch, self._position = state["epoch"], state["position"]
-        self._plan_cache = None
 
     def _cursor(self) -> tuple[int, int]:
         if self._position >= len(self):
@@ -135,47 +154,62 @@ class Loader:
         return self._plan(self._cursor()[0] if epoch is None else epoch)
 
     def _plan(self, epoch: int) -> EpochPlan:
-        key = (epoch, frozenset(self._skipped_ids))
-        if self._plan_cache is None or self._plan_cache[0] != key:
-            plan = make_plan(self.samples, self.spec, self.batch_size, rank=self.rank, world_size=self.world_size,
-                             seed=self.seed, epoch=epoch, skipped=key[1])
-            self._plan_cache = (key, plan)
-        return self._plan_cache[1]
+        return self._current_planner()(epoch)
+
+    def _new_planner(self) -> Planner:
+        return Planner(self.samples, self.spec, self.batch_size, rank=self.rank, world_size=self.world_size,
+                       seed=self.seed, skipped=frozenset(self._skipped_ids))
+
+    def _current_planner(self) -> Planner:
+        if self._planner.skipped != frozenset(self._skipped_ids):
+            self._planner = self._new_planner()
+        return self._planner
 
     # --- iteration -------------------------------------------------------------------------
     def __iter__(self):
         self._epoch, self._position = self._cursor()
-        epoch = self._epoch
-        plan = self._plan(epoch)
-        pipe = self._build(plan, self._position)
-        while self._position < plan.num_batches:
+        epoch, per_epoch = self._epoch, len(self)
+        while self._position < per_epoch:
             batch_index = self._position
+            target = epoch * per_epoch + batch_index
+            planner = self._current_planner()
+            if self._pipe is None or self._pipe_next != target or self._pipe_planner is not planner:
+                self._close_pipe()
+                self._pipe, self._pipe_planner, self._pipe_next = self._build(planner, target), planner, target
             try:
-                outputs = pipe.run()
+                outputs = self._pipe.run()
             except Exception as error:  # DALI reports decode and read errors here
-                del pipe
-                self._handle_failure(plan, batch_index, error)
-                plan = self._plan(epoch)
-                pipe = self._build(plan, batch_index)
+                self._close_pipe()
+                self._handle_failure(target, error)
                 continue
-            batch = self._assemble(outputs, plan, batch_index)
+            self._pipe_next += 1
+            batch = self._assemble(outputs, planner(epoch), batch_index)
             self._position = batch_index + 1
             yield batch
 
-    def _build(self, plan: EpochPlan, start: int):
-        grayscale = self.spec.train and self.spec.grayscale_prob > 0
-        source = ClipSource(plan, self.samples, self.mode, start, grayscale=grayscale)
+    def _close_pipe(self) -> None:
+        self._pipe, self._pipe_planner, self._pipe_next = None, None, -1
+
+    def _build(self, planner: Planner, start: int):
+        """A pipeline streaming this rank's batches from global batch `start` (= epoch * len + batch) on."""
+        spec = self.spec
+        source = ClipSource(planner, self.mode, start, grayscale=spec.train and spec.grayscale_prob > 0,
+                            randaugment=spec.randaugment is not None)
         cuda = self.device.type == "cuda"
-        frames = plan.frames.shape[1] if self.mode == "frame" else 1
-        seed = int(np.random.SeedSequence([self.seed, self._epoch, self.rank, start]).generate_state(1)[0] >> 1)
-        options = dict(batch_size=plan.batch_size * frames, num_threads=self.num_threads, seed=seed,
+        frames = spec.frames_per_video if self.mode == "frame" else 1
+        decoder_options = {}
+        if cuda and self.hw_decoder_load is not None and self.mode == "frame":
+            decoder_options["hw_decoder_load"] = self.hw_decoder_load
+        seed = int(np.random.SeedSequence([self.seed, self.rank, start]).generate_state(1)[0] >> 1)
+        options = dict(batch_size=self.batch_size * frames, num_threads=self.num_threads, seed=seed,
                        device_id=_cuda_index(self.device) if cuda else None, prefetch_queue_depth=2,
                        py_num_workers=max(1, self.py_workers), py_start_method="spawn",
-                       image_size=self.spec.image_size, decode_device="mixed" if cuda else "cpu",
+                       image_size=spec.image_size, decode_device="mixed" if cuda else "cpu",
                        dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
-                       parallel=self.py_workers > 0)
-        if self.spec.train:
-            pipe = train_pipeline(source, randaugment=self.randaugment, **options)
+                       parallel=self.py_workers, decoder_options=decoder_options)
+        if spec.train:
+            pipe = train_pipeline(source, randaugment_levels=spec.randaugment[0] if spec.randaugment else 0,
+                                  **options)
         else:
             pipe = eval_pipeline(source, **options)
         pipe.build()
@@ -197,22 +231,24 @@ class Loader:
         return {"clips": clips, "label": torch.from_numpy(labels).to(self.device),
                 "valid": torch.from_numpy(valid).to(self.device), "key": keys}
 
-    def _handle_failure(self, plan: EpochPlan, batch_index: int, error: Exception) -> None:
-        """Find the sample(s) that broke a batch; raise naming them, or record them as skipped."""
-        files, bad = ShardFiles(), {}
-        last = min(plan.num_batches, batch_index + 3)  # the failure may come from a prefetched batch
-        for r in range(batch_index * plan.batch_size, last * plan.batch_size):
-            index = int(plan.sample[r])
+    def _handle_failure(self, target: int, error: Exception) -> None:
+        """Find the sample(s) that broke global batch `target`; raise naming them, or record them as skipped."""
+        files, bad, rows = ShardFiles(), {}, []
+        for g in range(target, target + 3):  # the failure may come from a prefetched batch
+            plan = self._plan(g // len(self))
+            first = (g % len(self)) * plan.batch_size
+            rows += [(plan.sample[r], plan.frames[r]) for r in range(first, first + plan.batch_size)]
+        for index, frames in rows:
+            index = int(index)
             if index in bad or index in self._skipped_ids:
                 continue
             try:
-                check_sample(files, self.samples[index], plan.frames[r])
+                check_sample(files, self.samples[index], frames)
             except ShardReadError as failure:
                 bad[index] = failure
         files.close()
         if not bad:
-            keys = ", ".join(f"{Path(self.samples[i].tar).name}:{self.samples[i].key}"
-                             for i in plan.sample[batch_index * plan.batch_size:last * plan.batch_size])
+            keys = ", ".join(f"{Path(self.samples[i].tar).name}:{self.samples[i].key}" for i, _ in rows)
             raise ShardReadError(f"DALI failed on a batch of [{keys}]: {error}") from error
         if self.on_error == "raise":
             raise next(iter(bad.values())) from error

@@ -4,11 +4,10 @@ Both read through a ClipSource (pipelines/source.py) and decode on the GPU ("mix
 NVDEC) or the CPU, then make O views per video, each one fused crop+resize (one resampling),
 per-clip mirror, and CLIP normalization. Train adds per-clip grayscale and RandAugment.
 
-Decode modes: "frame" decodes each JPEG as its own sample (biggest decoder batches; any op
+Decode modes: "frame" decodes each JPEG as its own sample (biggest decoder batches; every op
 whose parameters come from the source stays per clip because the source repeats them for
-every frame); "stack" decodes a clip's F JPEGs and stacks them into one FHWC sequence (needed
-by RandAugment, which draws its operations per sample); "video" decodes the needed frames of
-a VP9 WebM.
+every frame: crops, flips, grayscale and the RandAugment draws); "video" decodes the needed
+frames of a VP9 WebM into one FHWC sample per clip.
 """
 
 from nvidia.dali import fn, pipeline_def, types
@@ -17,23 +16,25 @@ from pipelines import augment
 from pipelines.source import ClipSource
 
 
-def read_clips(source: ClipSource, decode_device: str, parallel: bool):
-    """Encoded inputs -> decoded uint8 frames (HWC per frame, or FHWC per clip) and the view params."""
+def read_clips(source: ClipSource, decode_device: str, parallel: int, decoder_options: dict):
+    """Encoded inputs -> decoded uint8 frames (HWC per frame, or FHWC per clip) and, per view, the params
+    (roi_start, roi_end, mirror, gray or None, RandAugment draws or None)."""
     outputs = fn.external_source(source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
-                                 parallel=parallel)
+                                 **({"parallel": True, "prefetch_queue_depth": parallel + 1} if parallel else {}))
     if source.mode == "frame":
-        images = fn.decoders.image(outputs[0], device=decode_device, output_type=types.RGB)
+        images = fn.decoders.image(outputs[0], device=decode_device, output_type=types.RGB, **decoder_options)
         params = outputs[1:]
-    elif source.mode == "stack":
-        count = source.frames.shape[1]
-        frames = [fn.decoders.image(jpeg, device=decode_device, output_type=types.RGB) for jpeg in outputs[:count]]
-        images = fn.stack(*frames, axis=0, axis_name="F")  # (F, H, W, C)
-        params = outputs[count:]
     else:
         images = fn.decoders.video(outputs[0], frames=outputs[1], device=decode_device)  # (F, H, W, C)
         params = outputs[2:]
-    step = source.params_per_view
-    return images, [tuple(params[i:i + step]) + (None,) * (4 - step) for i in range(0, len(params), step)]
+    step, views = source.params_per_view, []
+    for first in range(0, len(params), step):
+        view = list(params[first:first + 3])
+        rest = list(params[first + 3:first + step])
+        view.append(rest.pop(0) if source.grayscale else None)
+        view.append(rest.pop(0) if source.randaugment else None)
+        views.append(tuple(view))
+    return images, views
 
 
 def _output(images, mirror, dtype, mode: str):
@@ -42,24 +43,25 @@ def _output(images, mirror, dtype, mode: str):
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dtype,
-                   randaugment: tuple[int, int] | None, parallel: bool = False):
+                   randaugment_levels: int = 0, parallel: int = 0, decoder_options: dict | None = None):
     """O = num_sample training views per video: RRC (fused), [grayscale], [RandAugment], mirror, normalize."""
-    images, views = read_clips(source, decode_device, parallel)
+    images, views = read_clips(source, decode_device, parallel, decoder_options or {})
     outputs = []
-    for roi_start, roi_end, mirror, gray in views:
+    for roi_start, roi_end, mirror, gray, draws in views:
         view = augment.crop_resize(images, roi_start, roi_end, image_size, augment.INTERP["train"])
         if source.grayscale:
             view = augment.grayscale(view, gray)
-        if randaugment is not None:
-            view = augment.rand_augment(view, *randaugment, image_size)
+        if source.randaugment:
+            view = augment.rand_augment(view, draws, randaugment_levels, image_size)
         outputs.append(_output(view, mirror, dtype, source.mode))
     return tuple(outputs)
 
 
 @pipeline_def
-def eval_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dtype, parallel: bool = False):
+def eval_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dtype, parallel: int = 0,
+                  decoder_options: dict | None = None):
     """O = test_crops views per video (1 for val): fixed crops of the scaled frame (fused), mirror, normalize."""
-    images, views = read_clips(source, decode_device, parallel)
+    images, views = read_clips(source, decode_device, parallel, decoder_options or {})
     return tuple(_output(augment.crop_resize(images, start, end, image_size, augment.INTERP["eval"]),
                          mirror, dtype, source.mode)
-                 for start, end, mirror, _ in views)
+                 for start, end, mirror, _, _ in views)

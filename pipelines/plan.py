@@ -32,6 +32,7 @@ class ClipSpec:
     grayscale_prob: float = 0.0
     test_crops: int = 1
     test_clips: int = 1
+    randaugment: tuple[int, int, float] | None = None  # (n, m, mstd) from augment.parse_randaugment; train only
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -86,6 +87,7 @@ class EpochPlan:
     mirror: np.ndarray  # (R, O) int32
     gray: np.ndarray  # (R, O) bool: convert to grayscale
     label: np.ndarray  # (R, O) int64, after the flip label swap
+    ra: np.ndarray | None = None  # (R, O, 3, n) int32 RandAugment [op index, magnitude bin, negate] per level
     skipped: set = field(default_factory=set)
 
     @property
@@ -135,7 +137,61 @@ def make_plan(samples: list[Sample], spec: ClipSpec, batch_size: int, *, rank: i
                      label=np.zeros((num_rows, num_views), np.int64), skipped=set(skipped))
     for r, index in enumerate(rows):
         _plan_video(plan, r, samples[index], spec, rng)
+    if spec.train and spec.randaugment is not None:
+        plan.ra = _rand_augment_draws(num_rows, num_views, *spec.randaugment,
+                                      np.random.default_rng([seed, epoch, rank, 2]))
     return plan
+
+
+@dataclass
+class Planner:
+    """The plan of any epoch of one rank, as a picklable callable (DALI worker processes call it).
+
+    Keeps the last two plans: an epoch's plan is made once per process, when its first batch is read.
+    """
+
+    samples: list[Sample]
+    spec: ClipSpec
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    skipped: frozenset = frozenset()
+
+    def __post_init__(self):
+        self._cache: dict[int, EpochPlan] = {}
+
+    def __call__(self, epoch: int) -> EpochPlan:
+        plan = self._cache.get(epoch)
+        if plan is None:
+            plan = make_plan(self.samples, self.spec, self.batch_size, rank=self.rank, world_size=self.world_size,
+                             seed=self.seed, epoch=epoch, skipped=self.skipped)
+            self._cache = {e: p for e, p in self._cache.items() if e == epoch - 1}
+            self._cache[epoch] = plan
+        return plan
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch: the same for every epoch (skips replace or pad, never shorten)."""
+        return len(rank_rows(len(self.samples), self.batch_size, self.rank, self.world_size,
+                             shuffle=self.spec.train, rng=np.random.default_rng(0))[0]) // self.batch_size
+
+    def __getstate__(self):  # plans are remade in the worker, not shipped
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+
+def _rand_augment_draws(rows: int, views: int, n: int, m: int, mstd: float,
+                        rng: np.random.Generator) -> np.ndarray:
+    """timm RandAugment choices per clip and view: n ops drawn with replacement, each applied with
+    p=0.5 (else identity), magnitude m plus N(0, mstd) noise clipped to [0, 10], random sign."""
+    ops = rng.integers(0, augment.RA_NUM_OPS, (rows, views, n))
+    ops = np.where(rng.random((rows, views, n)) < 0.5, ops, augment.RA_IDENTITY)
+    magnitude = np.clip(rng.normal(m, mstd, (rows, views, n)) if mstd > 0 else np.full((rows, views, n), m), 0, 10)
+    bins = np.rint(magnitude * augment.RA_BINS_PER_UNIT)
+    negate = rng.integers(0, 2, (rows, views, n))
+    return np.stack([ops, bins, negate], axis=2).astype(np.int32)
 
 
 def _replace_skipped(rows, valid, num_videos, skipped, train):

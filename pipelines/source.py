@@ -1,81 +1,107 @@
-"""The external source: turns an epoch plan into DALI samples, reading only the bytes needed.
+"""The external source: turns epoch plans into DALI samples, reading only the bytes needed.
 
-Called once per batch (batch mode: the Python cost per frame is one pread and a few list appends,
-which matters at GPU rates of 16,000 frames/s). Three modes, one per decode path
-(see pipelines/pipeline.py):
-- "frame": one DALI sample per frame: (jpeg, params...); a batch holds B videos x F frames.
-- "stack": one DALI sample per video: (jpeg_0 .. jpeg_{F-1}, params...), stacked after decoding.
+One call per batch (batch mode). The source is an endless stream: call i gives batch `start + i`
+counted over consecutive epochs (epoch = g // batches_per_epoch), each epoch's plan made by a
+`Planner` when its first batch is read. So one DALI pipeline serves every epoch of a run: no
+rebuild, and its prefetch queue runs across epoch boundaries. Two modes (pipelines/pipeline.py):
+- "frame": one DALI sample per frame: (jpeg, params...); a batch holds B videos x F frames; the
+  clip's params are repeated for each of its frames.
 - "video": one DALI sample per video: (webm, frame indices, params...).
-params are, for each of the O views: roi_start (y0, x0), roi_end (y1, x1), mirror, and gray
-(bool) when the graph converts to grayscale.
-The callable is picklable (no open files, compact arrays) so DALI can run it in worker processes.
+params are, for each of the O views: roi_start (y0, x0), roi_end (y1, x1), mirror, then gray (bool)
+when the graph converts to grayscale, then the RandAugment draws ((3, n) int32) when it augments.
+
+Reads: a clip's 40 frames come in 8 windows of 5 consecutive frames, whose JPEG members are
+adjacent in the tar; byte ranges closer than MERGE_GAP are read with one pread and sliced without
+a copy, so a clip costs ~8 preads instead of 40.
+The callable is picklable (no open files; the Planner ships without its plans) so DALI can run it
+in worker processes.
 """
 
 import numpy as np
 
-from pipelines.plan import EpochPlan
-from pipelines.reader import Sample, ShardFiles
+from pipelines.plan import Planner
+from pipelines.reader import ShardFiles
 
-MODES = ("frame", "stack", "video")
+MODES = ("frame", "video")
+MERGE_GAP = 4096  # bytes: a tar header (512) plus padding (< 512) between adjacent frames, with room
 
 
 class ClipSource:
-    """Per-batch callback for `fn.external_source(batch=True, batch_info=True)`, from batch `start` on."""
+    """Per-batch callback for `fn.external_source(batch=True, batch_info=True)`, from global batch `start` on."""
 
-    def __init__(self, plan: EpochPlan, samples: list[Sample], mode: str, start: int = 0,
-                 grayscale: bool = False):
+    def __init__(self, planner: Planner, mode: str, start: int = 0, *, grayscale: bool = False,
+                 randaugment: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        first = start * plan.batch_size
-        rows = plan.sample[first:]
-        self.mode, self.grayscale, self.batch_size = mode, grayscale, plan.batch_size
-        self.frames = plan.frames[first:]  # (R, F)
-        self.roi, self.mirror, self.gray = plan.roi[first:], plan.mirror[first:], plan.gray[first:]
-        self.tars = sorted({samples[i].tar for i in rows})
-        tar_id = {tar: i for i, tar in enumerate(self.tars)}
-        self.tar = np.array([tar_id[samples[i].tar] for i in rows], dtype=np.int32)
-        self.key = [samples[i].key for i in rows]
-        if mode == "video":
-            self.ranges = np.stack([samples[i].ranges[:1] for i in rows])  # (R, 1, 2)
-        else:  # only the F frames each video needs: (R, F, 2)
-            self.ranges = np.stack([samples[i].ranges[f] for i, f in zip(rows, self.frames)])
+        self.planner, self.mode, self.start = planner, mode, start
+        self.grayscale, self.randaugment = grayscale, randaugment
+        self.batches_per_epoch = planner.num_batches
+        self.frames_per_video = planner.spec.frames_per_video
+        self.num_views = planner.spec.num_views
         self.files = ShardFiles()
 
     @property
     def num_outputs(self) -> int:
-        encoded = {"frame": 1, "stack": self.frames.shape[1], "video": 2}[self.mode]
-        return encoded + self.params_per_view * self.roi.shape[1]
+        return {"frame": 1, "video": 2}[self.mode] + self.params_per_view * self.num_views
 
     @property
     def params_per_view(self) -> int:
-        return 4 if self.grayscale else 3
+        return 3 + self.grayscale + self.randaugment
+
+    def position(self, iteration: int) -> tuple[int, int]:
+        """(epoch, batch) of call `iteration`."""
+        return divmod(self.start + iteration, self.batches_per_epoch)
 
     def __call__(self, info) -> list[list[np.ndarray]]:
-        """Batch `info.iteration` (relative to `start`): one list per output, B (or B*F) samples each."""
-        first = info.iteration * self.batch_size
-        if first >= len(self.key):
-            raise StopIteration
+        """Batch `info.iteration` of the stream: one list per output, B (or B*F) samples each."""
+        epoch, batch = self.position(info.iteration)
+        plan = self.planner(epoch)
+        samples = self.planner.samples
         outputs = [[] for _ in range(self.num_outputs)]
-        for row in range(first, first + self.batch_size):
-            params = self._params(row)
-            for frame in range(self.frames.shape[1]) if self.mode == "frame" else (None,):
-                for column, value in zip(outputs, self._encoded(row, frame) + params):
+        encoded = outputs[:1] if self.mode == "frame" else outputs[:2]
+        first = batch * plan.batch_size
+        for row in range(first, first + plan.batch_size):
+            sample = samples[plan.sample[row]]
+            params = self._params(plan, row)
+            if self.mode == "frame":
+                frames = self._read_frames(sample, plan.frames[row])
+                encoded[0].extend(frames)
+                for column, value in zip(outputs[1:], params):
+                    column.extend([value] * len(frames))
+            else:
+                offset, size = sample.ranges[0]
+                encoded[0].append(self.files.pread(sample.tar, sample.key, offset, size))
+                encoded[1].append(plan.frames[row])
+                for column, value in zip(outputs[2:], params):
                     column.append(value)
         return outputs
 
-    def _encoded(self, row: int, frame: int | None) -> tuple:
-        tar, key = self.tars[self.tar[row]], self.key[row]
-        if self.mode == "frame":
-            return (self.files.pread(tar, key, *self.ranges[row, frame]),)
-        if self.mode == "stack":
-            return tuple(self.files.pread(tar, key, offset, size) for offset, size in self.ranges[row])
-        return self.files.pread(tar, key, *self.ranges[row, 0]), self.frames[row]
+    def _read_frames(self, sample, frames: np.ndarray) -> list[np.ndarray]:
+        """The JPEG bytes of `frames` (in order, repeats included), coalescing adjacent byte ranges."""
+        ranges = sample.ranges[frames].astype(np.int64)  # (F, 2) [offset, size]
+        order = np.argsort(ranges[:, 0], kind="stable")
+        data: list = [None] * len(frames)
+        i = 0
+        while i < len(order):
+            j, begin = i, ranges[order[i], 0]
+            end = begin + ranges[order[i], 1]
+            while j + 1 < len(order) and ranges[order[j + 1], 0] <= end + MERGE_GAP:
+                j += 1
+                end = max(end, ranges[order[j], 0] + ranges[order[j], 1])
+            span = self.files.pread(sample.tar, sample.key, begin, end - begin)
+            for k in order[i:j + 1]:
+                offset, size = ranges[k]
+                data[k] = span[offset - begin:offset - begin + size]
+            i = j + 1
+        return data
 
-    def _params(self, row: int) -> tuple:
+    def _params(self, plan, row: int) -> list:
         outputs = []
-        for view in range(self.roi.shape[1]):
-            roi = self.roi[row, view]
-            outputs += [roi[:2], roi[2:], np.asarray(self.mirror[row, view])]
+        for view in range(self.num_views):
+            roi = plan.roi[row, view]
+            outputs += [roi[:2], roi[2:], np.asarray(plan.mirror[row, view])]
             if self.grayscale:
-                outputs.append(np.asarray(self.gray[row, view]))
-        return tuple(outputs)
+                outputs.append(np.asarray(plan.gray[row, view]))
+            if self.randaugment:
+                outputs.append(plan.ra[row, view])
+        return outputs

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import pipelines
-from pipelines import sampling
+from pipelines import augment, sampling
 from pipelines.augment import CLIP_MEAN, CLIP_STD
 from shards.encode import EncodedSample
 from shards.manifest import Manifest, write_json_atomic
@@ -187,24 +187,36 @@ def test_grayscale_is_per_clip_luma(tmp_path, layout):
     assert torch.allclose(pixels.mean(dim=(0, 1, 2, 4, 5)), torch.full((3,), luma), atol=6)
 
 
-def test_randaugment_draws_once_per_clip(tmp_path):
-    videos = [{"key": f"g{i}", "label": 0, "frames": [gradient_image()] * 10} for i in range(3)]
-    write_shards(tmp_path, "train", videos)
-    data = pipelines.loader(tmp_path, "train", 3, num_segments=2, randaugment="rand-m9-n4-mstd0.5",
-                            num_threads=1, **SIZE)
-    assert data.mode == "stack"
-    clips = next(iter(data))["clips"].flatten(1, 2)  # (B, 10, 3, S, S): every frame of a video is the same image
-    assert (clips == clips[:, :1]).all()
-    plain = next(iter(pipelines.loader(tmp_path, "train", 3, num_segments=2, num_threads=1, **SIZE)))["clips"]
-    assert not torch.equal(plain.flatten(1, 2), clips)  # same crops (same plan), RandAugment changed them
+def test_randaugment_same_ops_for_every_frame_of_a_clip_and_clips_differ(tmp_path):
+    color = np.zeros((24, 32, 3), np.uint8) + np.array([200, 50, 100], np.uint8)
+    write_shards(tmp_path, "train", [{"key": f"c{i}", "label": 0, "frames": [color] * 12} for i in range(8)])
+    options = dict(num_segments=2, num_threads=1, seed=3, **SIZE)
+    data = pipelines.loader(tmp_path, "train", 8, randaugment="rand-m9-n1-mstd0.5", **options)
+    assert data.mode == "frame"
+    clips = next(iter(data))["clips"].flatten(1, 2)  # (8, 10, 3, S, S); without RandAugment all the same
+    assert (clips == clips[:, :1]).all()  # every frame of a clip got the same op and magnitude
+    distinct = {clip[0].numpy().tobytes() for clip in clips}
+    assert len(distinct) > 1  # clips drew different ops
+    plain = next(iter(pipelines.loader(tmp_path, "train", 8, **options)))["clips"].flatten(1, 2)
+    assert (plain == plain[:1, :1]).all() and not torch.equal(plain, clips)
+    draws = data.plan(0).ra  # (R, O, 3, n): op, magnitude bin, sign per clip and view
+    assert draws.shape == (8, 1, 3, 1)
+    identity = draws[:, 0, 0, 0] == augment.RA_IDENTITY  # drawn identity, or not applied (p=0.5)
+    changed = (clips[:, 0] - plain[:, 0]).abs().flatten(1).amax(1) > 1e-3
+    assert not changed[torch.from_numpy(identity)].any()
 
 
-def test_stack_mode_decodes_the_expected_frames(frame_shards):
-    data = pipelines.loader(frame_shards, "train", batch_size=3, num_segments=4, seed=1, num_threads=1, **SIZE)
-    data.mode = "stack"
-    batch = next(iter(data))
-    for got, frames in zip(decoded_indices(batch["clips"]), data.plan(0).frames[:3]):
-        np.testing.assert_array_equal(got, frames.reshape(4, 5))
+def test_one_pipeline_streams_consecutive_epochs(frame_shards):
+    data = pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=6, num_threads=1, **SIZE)
+    first = list(data)
+    pipe = data._pipe
+    second = list(data)  # epoch 1: no rebuild, same batches as a loader started at epoch 1
+    assert data._pipe is pipe and data.state_dict()["epoch"] == 2
+    fresh = pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=6, num_threads=1, **SIZE)
+    fresh.set_epoch(1)
+    for got, want in zip(second, list(fresh)):
+        assert got["key"] == want["key"] and torch.equal(got["clips"], want["clips"])
+    assert [b["key"] for b in first] != [b["key"] for b in second]
 
 
 def test_video_layout_decodes_the_expected_frames(tmp_path):
@@ -252,9 +264,11 @@ def test_same_seed_same_batches_other_seed_other_batches(frame_shards):
     assert a["key"] != c["key"] or not torch.equal(a["clips"], c["clips"])
 
 
-def test_resume_mid_epoch_and_at_epoch_boundary(frame_shards):
+@pytest.mark.parametrize("randaugment", [None, "rand-m9-n1-mstd0.5"])  # RandAugment: exact too
+def test_resume_mid_epoch_and_at_epoch_boundary(frame_shards, randaugment):
     def make():
-        return pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=4, num_threads=1, **SIZE)
+        return pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=4, num_threads=1,
+                                randaugment=randaugment, **SIZE)
 
     full = make()
     reference = list(full) + list(full)  # epochs 0 and 1 (the loader moves on by itself)

@@ -43,8 +43,8 @@ def test_roi_maps_scaled_window_to_stored_pixels():
 
 
 def test_parse_randaugment():
-    assert augment.parse_randaugment("rand-m7-n4-mstd0.5") == (4, 7)
-    assert augment.parse_randaugment("rand-m9-n2-mstd0.5-inc1") == (2, 9)
+    assert augment.parse_randaugment("rand-m7-n4-mstd0.5") == (4, 7, 0.5)
+    assert augment.parse_randaugment("rand-m9-n2-inc1") == (2, 9, 0.0)
     with pytest.raises(ValueError, match="unknown part"):
         augment.parse_randaugment("rand-m7-x4")
 

@@ -10,14 +10,15 @@ from nvidia.dali import types
 from pipelines import augment
 from pipelines.pipeline import eval_pipeline, train_pipeline
 from pipelines.plan import ClipSpec, EpochPlan, Planner, rank_rows
-from pipelines.reader import ShardFiles, ShardReadError, check_sample, read_samples, shard_paths
+from pipelines.reader import ShardFiles, ShardReadError, SharedRanges, check_sample, read_samples, shard_paths
 from pipelines.source import ClipSource
 
 ON_ERROR = ("raise", "skip")
-# Reader processes on CUDA (py_workers=None). The source runs ~N clips/s per process (see
-# docs/pipelines.md, GPU notes): 2 processes cover 400 clips/s with a wide margin and keep the
-# training loop's thread free; more only cost memory (each holds the shard index).
-GPU_PY_WORKERS = 2
+# Reader processes on CUDA (py_workers=None). The source made ~1,100 clips/s in one process on
+# our 2-core CPU (456x256 JPEG frames, 43 KB each, page cache warm; docs/pipelines.md, GPU notes):
+# 4 processes give 400 clips/s a wide margin, overlap reads that miss the page cache, and keep the
+# training loop's thread free. They share the byte-range index through one mapped file.
+GPU_PY_WORKERS = 4
 
 
 def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_segments: int = 8, *,
@@ -96,6 +97,7 @@ class Loader:
         if self.py_workers < 0:
             raise ValueError(f"py_workers must be >= 0, got {py_workers}")
         self.hw_decoder_load = hw_decoder_load
+        self._shared = SharedRanges(self.samples) if self.py_workers else None
         self._skipped_ids: set[int] = set()
         self._epoch, self._position = 0, 0
         rank_rows(len(self.samples), batch_size, rank, world_size, shuffle=False)  # validates rank
@@ -158,7 +160,7 @@ class Loader:
 
     def _new_planner(self) -> Planner:
         return Planner(self.samples, self.spec, self.batch_size, rank=self.rank, world_size=self.world_size,
-                       seed=self.seed, skipped=frozenset(self._skipped_ids))
+                       seed=self.seed, skipped=frozenset(self._skipped_ids), shared=self._shared)
 
     def _current_planner(self) -> Planner:
         if self._planner.skipped != frozenset(self._skipped_ids):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipelines import augment, sampling
-from pipelines.reader import Sample
+from pipelines.reader import Sample, SharedRanges
 
 SPLITS = ("train", "val", "test")
 FLIPS = ("none", "plain", "swap")
@@ -157,6 +157,7 @@ class Planner:
     world_size: int
     seed: int
     skipped: frozenset = frozenset()
+    shared: SharedRanges | None = None  # where worker processes find the byte ranges (else pickled)
 
     def __post_init__(self):
         self._cache: dict[int, EpochPlan] = {}
@@ -176,10 +177,17 @@ class Planner:
         return len(rank_rows(len(self.samples), self.batch_size, self.rank, self.world_size,
                              shuffle=self.spec.train, rng=np.random.default_rng(0))[0]) // self.batch_size
 
-    def __getstate__(self):  # plans are remade in the worker, not shipped
+    def __getstate__(self):  # plans are remade in the worker, not shipped; ranges come from `shared`
         state = dict(self.__dict__)
         state["_cache"] = {}
+        if self.shared is not None:
+            state["samples"] = self.shared.strip(self.samples)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.shared is not None:
+            self.samples = self.shared.attach(self.samples)
 
 
 def _rand_augment_draws(rows: int, views: int, n: int, m: int, mstd: float,

@@ -330,12 +330,23 @@ def test_output_dtype(frame_shards, dtype):
     np.testing.assert_array_equal(decoded_indices(batch["clips"])[0], expected)
 
 
-def test_reader_worker_processes_give_the_same_batches(frame_shards):
-    def first(py_workers):
-        return next(iter(pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=8, num_threads=1,
-                                          py_workers=py_workers, **SIZE)))
-    a, b = first(0), first(2)
-    assert a["key"] == b["key"] and torch.equal(a["clips"], b["clips"])
+def test_reader_worker_processes_give_the_same_batches_over_epochs(frame_shards):
+    def two_epochs(py_workers):
+        data = pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=8, num_threads=1,
+                                py_workers=py_workers, **SIZE)
+        return data, list(data) + list(data)  # the workers' stream crosses the epoch boundary
+
+    (_, a), (workers, b) = two_epochs(0), two_epochs(2)
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"] and torch.equal(x["clips"], y["clips"])
+    shared = workers._shared.path  # the byte ranges the workers mapped
+    assert Path(shared).exists()
+    del workers, b
+    import gc
+
+    gc.collect()
+    assert not Path(shared).exists()
 
 
 def test_train_skip_replaces_the_bad_video(broken_shards):

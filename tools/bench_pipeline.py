@@ -112,7 +112,8 @@ def endless(make):
 
 def ours(tars: list[str], split: str, args, **options):
     data = pipelines.loader(tars, split, args.batch_size, num_segments=args.num_segments, num_threads=args.threads,
-                            device=args.device, **options)
+                            device=args.device, py_workers=args.py_workers, hw_decoder_load=args.hw_decoder_load,
+                            **options)
     return endless(lambda: iter(data))
 
 
@@ -306,6 +307,10 @@ def main(argv=None) -> None:
                         help="CPU cores for each loader: DALI threads / DataLoader workers")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--seconds", type=float, default=15.0, help="measuring time per loader")
+    parser.add_argument("--py-workers", type=int, default=None,
+                        help="reader processes of our loaders (default: the loader's, 4 on cuda, 0 on cpu)")
+    parser.add_argument("--hw-decoder-load", type=float, default=None,
+                        help="share of JPEGs for the GPU's hardware decoder (default: DALI's 0.65); try 0.9, 0.99")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)

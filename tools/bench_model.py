@@ -244,11 +244,14 @@ def run(args: argparse.Namespace) -> dict:
             "clips_per_s": args.batch / step_time,
             "step_s": step_time,
             "step_s_each": side.step_times,
+            "best_step_s": min(side.step_times),
             "peak_mem_gib": side.peak_bytes / 2**30,
             "tflops": flops / step_time / 1e12,
             "mfu": flops / step_time / bf16_rate,
         }
     results["speedup"] = results["ours"]["clips_per_s"] / results["baseline"]["clips_per_s"]
+    # Load from other jobs only ever adds time, so on a shared machine the fastest steps are the better estimate.
+    results["speedup_best_steps"] = results["baseline"]["best_step_s"] / results["ours"]["best_step_s"]
     return results
 
 
@@ -264,8 +267,10 @@ def report(results: dict) -> None:
         r = results[name]
         print(f"{name:10s}{r['clips_per_s']:10.3f}{r['step_s']:10.3f}{r['peak_mem_gib']:10.2f}"
               f"{r['tflops']:10.2f}{100 * r['mfu']:7.1f}%")
-    print(f"speedup ours/baseline: {results['speedup']:.2f}x "
-          f"(ours: {results['ours_precision']}, {'compiled' if results['compiled'] else 'eager'})")
+    print(f"speedup ours/baseline: {results['speedup']:.2f}x of median steps, "
+          f"{results['speedup_best_steps']:.2f}x of fastest steps (best {results['baseline']['best_step_s']:.3f} s vs "
+          f"{results['ours']['best_step_s']:.3f} s; ours: {results['ours_precision']}, "
+          f"{'compiled' if results['compiled'] else 'eager'})")
 
 
 def main(argv=None) -> None:

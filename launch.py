@@ -68,7 +68,7 @@ def resolve_precision(config: RunConfig, world: World) -> str:
 
 
 def build_model(config: RunConfig, log: MetricsLogger) -> torch.nn.Module:
-    model = tdsclip.build_model(tdsclip.ModelConfig(**config.model.model_kwargs()))
+    model = tdsclip.build_model(config.model.model_config())
     if config.model.clip_weights:
         tdsclip.load_clip_weights(model, config.model.clip_weights)
         log.info(f"CLIP weights: {config.model.clip_weights}")

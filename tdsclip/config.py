@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tdsclip.model import ModelConfig
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a bad value."""
@@ -27,33 +29,21 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 @dataclass(kw_only=True)
-class ModelSection:
-    """The network (mirrors tdsclip.model.ModelConfig) plus where the CLIP weights live."""
+class ModelSection(ModelConfig):
+    """The network (tdsclip.model.ModelConfig, whose checks name keys as model.<field>) plus where the
+    CLIP weights live."""
 
-    arch: str | None = "ViT-B-16"  # open_clip name; None = the explicit sizes below
-    width: int | None = None
-    layers: int | None = None
-    heads: int | None = None
-    patch_size: int | None = None
-    image_size: int | None = None
-    side_dim: int = 320
-    num_segments: int = 8
-    frames_per_segment: int = 5
-    num_classes: int = 400
-    dropout: float = 0.0
-    quick_gelu: bool = True  # OpenAI CLIP backbones; False for open_clip models trained with GELU
     clip_weights: str | None = None  # local CLIP file; None = random frozen backbone (demo/tests)
 
     def __post_init__(self) -> None:
-        for name in ("side_dim", "num_segments", "frames_per_segment", "num_classes"):
-            _check(getattr(self, name) > 0, f"model.{name}", "must be greater than 0")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for tdsclip.model.ModelConfig (everything but clip_weights)."""
-        kwargs = dataclasses.asdict(self)
-        kwargs.pop("clip_weights")
-        return kwargs
+    def model_config(self) -> ModelConfig:
+        """The network's own config (everything but clip_weights)."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
 
 @dataclass(kw_only=True)
@@ -284,21 +274,7 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
-    config = _build(RunConfig, data)
-    _check_model(config.model)
-    return config
-
-
-def _check_model(model: ModelSection) -> None:
-    """Validate the model section with the model's own rules, naming keys as model.<field>."""
-    try:
-        from tdsclip.model import ModelConfig
-    except ImportError:  # the model package validates again when it builds
-        return
-    try:
-        ModelConfig(**model.model_kwargs())
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"model: {error}") from error
+    return _build(RunConfig, data)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

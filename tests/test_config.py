@@ -54,7 +54,7 @@ def test_overrides_apply_and_parse_types():
     (["optim.lr=-1"], "optim.lr: must be greater than 0"),
     (["optim.betas=[0.9]"], "optim.betas: must have 2 items"),
     (["schedule.warmup_epochs=50"], "schedule.warmup_epochs: must be in [0, schedule.epochs=30]"),
-    (["model.num_classes=0"], "model.num_classes: must be greater than 0"),
+    (["model.num_classes=0"], "model.num_classes must be a positive integer (got 0)"),
     (["data.global_batch_size=two"], "data.global_batch_size: must be an integer"),
     (["data.flip=swap"], "data.flip_label_map: flip: swap needs a label map"),
     (["optim=3"], "optim: must be a mapping"),

@@ -187,17 +187,21 @@ def test_grayscale_is_per_clip_luma(tmp_path, layout):
     assert torch.allclose(pixels.mean(dim=(0, 1, 2, 4, 5)), torch.full((3,), luma), atol=6)
 
 
-def test_randaugment_same_ops_for_every_frame_of_a_clip_and_clips_differ(tmp_path):
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_randaugment_same_ops_for_every_frame_of_a_clip_and_clips_differ(tmp_path, device):
     color = np.zeros((24, 32, 3), np.uint8) + np.array([200, 50, 100], np.uint8)
     write_shards(tmp_path, "train", [{"key": f"c{i}", "label": 0, "frames": [color] * 12} for i in range(8)])
-    options = dict(num_segments=2, num_threads=1, seed=3, **SIZE)
+    options = dict(num_segments=2, num_threads=1, seed=3, device=device, **SIZE)
     data = pipelines.loader(tmp_path, "train", 8, randaugment="rand-m9-n1-mstd0.5", **options)
     assert data.mode == "frame"
-    clips = next(iter(data))["clips"].flatten(1, 2)  # (8, 10, 3, S, S); without RandAugment all the same
+    clips = next(iter(data))["clips"].flatten(1, 2).cpu()  # (8, 10, 3, S, S); without RandAugment all the same
     assert (clips == clips[:, :1]).all()  # every frame of a clip got the same op and magnitude
     distinct = {clip[0].numpy().tobytes() for clip in clips}
     assert len(distinct) > 1  # clips drew different ops
-    plain = next(iter(pipelines.loader(tmp_path, "train", 8, **options)))["clips"].flatten(1, 2)
+    plain = next(iter(pipelines.loader(tmp_path, "train", 8, **options)))["clips"].flatten(1, 2).cpu()
     assert (plain == plain[:1, :1]).all() and not torch.equal(plain, clips)
     draws = data.plan(0).ra  # (R, O, 3, n): op, magnitude bin, sign per clip and view
     assert draws.shape == (8, 1, 3, 1)

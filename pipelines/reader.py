@@ -77,13 +77,15 @@ class SharedRanges:
     """The byte ranges of all samples in one .npy file (in /dev/shm where it exists) that reader
     processes map instead of each unpickling a copy: the index of all Kinetics-400 frames is ~0.6 GB.
 
-    Pickles as (path, starts); the file is deleted when the owning (parent-process) object goes.
+    Pickles as (path, starts); the file is deleted when the owning (parent-process) object goes,
+    and files left by processes that died without cleaning up are deleted by the next one made.
     """
 
     def __init__(self, samples: list[Sample]):
         self.starts = np.concatenate([[0], np.cumsum([len(s.ranges) for s in samples])]).astype(np.int64)
-        directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        fd, self.path = tempfile.mkstemp(prefix="tdsclip-ranges-", suffix=".npy", dir=directory)
+        directory = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+        _remove_orphans(directory)
+        fd, self.path = tempfile.mkstemp(prefix=f"tdsclip-ranges-{os.getpid()}-", suffix=".npy", dir=directory)
         with os.fdopen(fd, "wb") as file:
             np.save(file, np.concatenate([s.ranges for s in samples]))
         self._finalizer = weakref.finalize(self, os.unlink, self.path)
@@ -103,6 +105,20 @@ class SharedRanges:
         """The samples with their ranges mapped from the file (in a worker)."""
         table = np.load(self.path, mmap_mode="r")
         return [dataclasses.replace(s, ranges=table[a:b]) for s, a, b in zip(samples, self.starts, self.starts[1:])]
+
+
+def _remove_orphans(directory: str) -> None:
+    """Delete range files whose creating process no longer runs (killed before its cleanup)."""
+    if not os.path.isdir("/proc/self"):  # no way to tell live processes from dead ones
+        return
+    for name in os.listdir(directory):
+        parts = name.split("-")
+        if name.startswith("tdsclip-ranges-") and len(parts) > 3 and parts[2].isdigit():
+            if not os.path.exists(f"/proc/{parts[2]}"):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
 
 
 class ShardFiles:

@@ -4,10 +4,11 @@ Everything random is drawn here, in numpy, from (seed, epoch) for the shuffle sh
 ranks and (seed, epoch, rank) for frames, crops, flips, grayscale and RandAugment, so the plan
 of an epoch is a pure function of those numbers: that makes runs deterministic and lets a resumed
 run continue mid-epoch with exactly the batches it would have seen (DALI's own RNG is not used).
-Cost: ~50 us per video (1.5 s for a 30k-video rank share), paid when an epoch's first batch is
-read, in each process that reads it.
+Cost: ~50 us per video (1.5 s for a 30k-video rank share), in each process that reads the epoch;
+Planner makes the next epoch's plan in the background.
 """
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -148,7 +149,11 @@ def make_plan(samples: list[Sample], spec: ClipSpec, batch_size: int, *, rank: i
 class Planner:
     """The plan of any epoch of one rank, as a picklable callable (DALI worker processes call it).
 
-    Keeps the last two plans: an epoch's plan is made once per process, when its first batch is read.
+    Train plans are made once per process: asking for epoch e returns it (made now if needed) and
+    starts making e+1 in a background thread, so the next epoch's ~1.5 s (30k videos) of planning
+    overlaps this epoch instead of stalling its first batch. Val/test plans do not depend on the
+    epoch: one plan serves all. Keeps the plans of the 4 latest epochs (e-1 .. e+2 around a boundary,
+    where the loader and the source prefetching past it ask for different epochs).
     """
 
     samples: list[Sample]
@@ -162,15 +167,45 @@ class Planner:
 
     def __post_init__(self):
         self._cache: dict[int, EpochPlan] = {}
+        self._pending: dict[int, threading.Thread] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, epoch: int) -> EpochPlan:
-        plan = self._cache.get(epoch)
+        epoch = epoch if self.spec.train else 0
+        with self._lock:
+            plan, thread = self._cache.get(epoch), self._pending.get(epoch)
+        if plan is None and thread is not None:
+            thread.join()
+            plan = self._cache.get(epoch)
         if plan is None:
-            plan = make_plan(self.samples, self.spec, self.batch_size, rank=self.rank, world_size=self.world_size,
-                             seed=self.seed, epoch=epoch, skipped=self.skipped)
-            self._cache = {e: p for e, p in self._cache.items() if e == epoch - 1}
-            self._cache[epoch] = plan
+            plan = self._make(epoch)
+        if self.spec.train:
+            self._prefetch(epoch + 1)
         return plan
+
+    def _make(self, epoch: int) -> EpochPlan:
+        plan = make_plan(self.samples, self.spec, self.batch_size, rank=self.rank, world_size=self.world_size,
+                         seed=self.seed, epoch=epoch, skipped=self.skipped)
+        with self._lock:
+            self._cache[epoch] = plan
+            latest = max(self._cache)
+            self._cache = {e: p for e, p in self._cache.items() if e >= latest - 3}
+        return plan
+
+    def _prefetch(self, epoch: int) -> None:
+        with self._lock:
+            if epoch in self._cache or epoch in self._pending:
+                return
+            thread = self._pending[epoch] = threading.Thread(target=self._background, args=(epoch,), daemon=True,
+                                                             name=f"plan-epoch-{epoch}")
+        thread.start()
+
+    def _background(self, epoch: int) -> None:
+        try:
+            self._make(epoch)
+        finally:
+            with self._lock:
+                self._pending.pop(epoch, None)
 
     @property
     def num_batches(self) -> int:
@@ -179,14 +214,14 @@ class Planner:
                              shuffle=self.spec.train, rng=np.random.default_rng(0))[0]) // self.batch_size
 
     def __getstate__(self):  # plans are remade in the worker, not shipped; ranges come from `shared`
-        state = dict(self.__dict__)
-        state["_cache"] = {}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_pending", "_lock")}
         if self.shared is not None:
             state["samples"] = self.shared.strip(self.samples)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._cache, self._pending, self._lock = {}, {}, threading.Lock()
         if self.shared is not None:
             self.samples = self.shared.attach(self.samples)
 

@@ -216,6 +216,10 @@ def test_one_pipeline_streams_consecutive_epochs(frame_shards):
     pipe = data._pipe
     second = list(data)  # epoch 1: no rebuild, same batches as a loader started at epoch 1
     assert data._pipe is pipe and data.state_dict()["epoch"] == 2
+    planner = data._current_planner()  # epoch 2's plan is being made (or made) in the background
+    for thread in list(planner._pending.values()):
+        thread.join()
+    assert 2 in planner._cache
     fresh = pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=6, num_threads=1, **SIZE)
     fresh.set_epoch(1)
     for got, want in zip(second, list(fresh)):

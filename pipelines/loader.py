@@ -190,6 +190,11 @@ class Loader:
             self._position = batch_index + 1
             yield batch
 
+    def close(self) -> None:
+        """Release the DALI pipeline (its prefetched batches, GPU buffers, reader processes) now; the
+        next iteration builds a new one. E.g. for a validation loader between evaluations."""
+        self._close_pipe()
+
     def _close_pipe(self) -> None:
         self._pipe, self._pipe_planner, self._pipe_next = None, None, -1
 

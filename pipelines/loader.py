@@ -46,7 +46,8 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
             LOCAL_WORLD_SIZE (set by torchrun), so ranks on a node do not oversubscribe it.
         py_workers: processes that read shard bytes for DALI (DALI's parallel external source,
             spawned); 0 = in the thread that runs the pipeline (the training loop's). None:
-            GPU_PY_WORKERS on CUDA, where that thread must stay free, 0 on the CPU.
+            GPU_PY_WORKERS on CUDA, where that thread must stay free, 0 on the CPU. Workers
+            are spawned: the calling script needs an `if __name__ == "__main__":` guard.
         hw_decoder_load: share of JPEGs that the GPU's hardware JPEG engines decode (DALI's
             `hw_decoder_load`, mixed decoder only); None keeps DALI's default (0.65).
     """

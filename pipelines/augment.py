@@ -17,7 +17,6 @@ from nvidia.dali import fn, types
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L") and torchvision's Grayscale
 SSV2_FLIP_LABELS = {86: 87, 87: 86, 93: 94, 94: 93, 166: 167, 167: 166}
 TEST_CROPS = (1, 3, 5, 10)
 
@@ -122,7 +121,8 @@ def crop_resize(images, roi_start, roi_end, size: int, interp):
 
 
 def grayscale(images, gray):
-    """Luma (0.299, 0.587, 0.114) in all three channels where `gray` is true (per clip), else unchanged.
+    """Luma (ITU-R 601: 0.299, 0.587, 0.114, as PIL's convert("L") and torchvision's Grayscale) in all
+    three channels where `gray` is true (per clip), else unchanged.
 
     A DALI conditional on the uint8 crops, so only the chosen clips are converted. Measured on the
     CPU per clip: fn.color_twist(saturation=0/1) on every frame ~95 ms, this ~11 ms, and the same

@@ -11,7 +11,6 @@ SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 # ustar keeps a member name in 100 bytes; `<key>.000000.jpg` adds 11 to the key.
 MAX_KEY_LENGTH = 80
-TAR_BLOCK = 512
 
 VIDEO_EXT = "webm"
 FRAME_EXT = "jpg"

@@ -9,30 +9,14 @@ directory and renamed, so a crash mid-write never leaves a truncated last.pt.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from tdsclip.atomic import atomic_save
 from tdsclip.weights import FORMAT
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to `path` via a temporary file and a rename (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def rng_state() -> dict:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tdsclip.atomic import atomic_write_text
 from tdsclip.model import ModelConfig
 
 
@@ -305,8 +306,4 @@ def config_to_dict(config: RunConfig) -> dict:
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), so every run records what it ran."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tdsclip.atomic import atomic_write_text
 from tdsclip.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdsclip.distributed import World, all_gather_objects, all_reduce_sum
 from tdsclip.metrics import MetricsLogger, StepTimer, host_rss_bytes, peak_device_memory_bytes
@@ -318,8 +319,4 @@ def evaluate(model: nn.Module, loader: Iterable, *, views: int, num_classes: int
 
 def write_results(result: dict, path: str | Path) -> None:
     """Write a test result as JSON (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result, indent=2))

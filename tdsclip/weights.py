@@ -13,13 +13,13 @@ import dataclasses
 import math
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 
+from tdsclip.atomic import atomic_save
 from tdsclip.model import HEAD_WIDTH, TDSCLIP, ModelConfig, build_model
 
 FORMAT = "tdsclip"
@@ -228,18 +228,6 @@ def _torch_load(path: Path) -> object:
         ) from e
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the prefixes DDP ("module.") and torch.compile ("_orig_mod.") add to state-dict keys."""
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
@@ -265,7 +253,7 @@ def model_checkpoint(model: TDSCLIP) -> dict:
 
 def save_model(model: TDSCLIP, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` in our checkpoint format (atomically)."""
-    _atomic_save(model_checkpoint(model), Path(path))
+    atomic_save(model_checkpoint(model), Path(path))
 
 
 def model_from_checkpoint(checkpoint: dict, num_segments: int | None = None, source: str = "checkpoint") -> TDSCLIP:
@@ -352,7 +340,7 @@ def export_official(model: TDSCLIP, path: str | os.PathLike, epoch: int = 0) -> 
             f"this model has model.heads={model.config.heads}, so it would compute different outputs there"
         )
     state = ours_to_official(_strip_wrappers(model.state_dict()))
-    _atomic_save({"epoch": epoch, "model_state_dict": state, "optimizer_state_dict": {}}, Path(path))
+    atomic_save({"epoch": epoch, "model_state_dict": state, "optimizer_state_dict": {}}, Path(path))
 
 
 # ---------------------------------------------------------------------------------------------

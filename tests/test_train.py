@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from tdsclip.checkpoint import Checkpointer, atomic_save
+from tdsclip.atomic import atomic_save
+from tdsclip.checkpoint import Checkpointer
 from tdsclip.distributed import World
 from tdsclip.metrics import MetricsLogger
 from tdsclip.optim import WarmupCosineSchedule, build_optimizer, parameter_groups

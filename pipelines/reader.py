@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shards import format as fmt
 from shards.manifest import read_index, read_manifest
 
 
@@ -44,20 +45,13 @@ def shard_paths(shards: str | os.PathLike | list, split: str) -> list[str]:
     return [str(p) for p in read_manifest(shards, split).tar_paths()]
 
 
-def index_path(tar: str) -> str:
-    """The index written beside a tar: `<split>-NNNNNN.tar` -> `<split>-NNNNNN.index.json`."""
-    if not tar.endswith(".tar"):
-        raise ValueError(f"{tar}: a shard path must end with .tar")
-    return tar[: -len(".tar")] + ".index.json"
-
-
 def read_samples(tars: list[str]) -> list[Sample]:
     """Every sample of the given shards, in shard order, from the per-shard indexes (validated by shards/)."""
     samples = []
     for tar in tars:
         if not os.path.isfile(tar):
             raise FileNotFoundError(f"{tar}: shard not found")
-        for entry in read_index(index_path(tar)):
+        for entry in read_index(fmt.index_beside(tar)):
             ranges = entry.frames if entry.layout == "frames" else [entry.video]
             ranges = np.asarray(ranges, dtype=np.int64)
             if ranges.max() < 2**32:  # half the memory: an index of all K400 frames is ~0.6 GB, not 1.2

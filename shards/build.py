@@ -61,7 +61,7 @@ class _Resume:
 def _finished_shards(out: Path, split: str, digest: str) -> _Resume:
     """The finished prefix of shards written by this same run; refuses shards of another run."""
     indexes = {}
-    for path in sorted(out.glob(f"{split}-*.index.json")):
+    for path in sorted(out.glob(f"{split}-*{fmt.INDEX_SUFFIX}")):
         try:
             data = json.loads(path.read_text())
             build = data["build"]

@@ -16,16 +16,25 @@ VIDEO_EXT = "webm"
 FRAME_EXT = "jpg"
 META_EXT = "json"
 TEMP_SUFFIX = ".tmp"
+TAR_SUFFIX = ".tar"
+INDEX_SUFFIX = ".index.json"
 
 
 def tar_name(split: str, shard: int) -> str:
     """`<split>-NNNNNN.tar`."""
-    return f"{split}-{shard:06d}.tar"
+    return f"{split}-{shard:06d}{TAR_SUFFIX}"
 
 
 def index_name(split: str, shard: int) -> str:
     """`<split>-NNNNNN.index.json`, the byte-range index written beside the tar."""
-    return f"{split}-{shard:06d}.index.json"
+    return f"{split}-{shard:06d}{INDEX_SUFFIX}"
+
+
+def index_beside(tar: str) -> str:
+    """The index written beside a tar: `<split>-NNNNNN.tar` -> `<split>-NNNNNN.index.json`."""
+    if not tar.endswith(TAR_SUFFIX):
+        raise ValueError(f"{tar}: a shard path must end with {TAR_SUFFIX}")
+    return tar[: -len(TAR_SUFFIX)] + INDEX_SUFFIX
 
 
 def manifest_name(split: str) -> str:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from shards import format as fmt
 from shards.manifest import Rejection
-from shards.sources import Source
+from shards.sources import IMAGE_TMPL, Source
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 DEFAULT_FPS = 30.0
@@ -38,7 +38,7 @@ class EncodeOptions:
     speed: int = 6  # libvpx cpu-used, layout video
     deadline: str = "good"  # libvpx deadline, layout video: "realtime" encodes ~8x faster, ~40% larger
     folder_fps: float = DEFAULT_FPS  # frame folders carry no frame rate
-    image_tmpl: str = "img_{:05d}.jpg"
+    image_tmpl: str = IMAGE_TMPL
 
     def __post_init__(self):
         if self.layout not in fmt.LAYOUTS:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from shards import format as fmt
 
+IMAGE_TMPL = "img_{:05d}.jpg"  # frame file names in the official frame folders, numbered from 1
+
 
 class ListFormatError(ValueError):
     """A malformed list or labels file; the message names file and line."""

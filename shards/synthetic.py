@@ -20,6 +20,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from shards.sources import IMAGE_TMPL
+
 LEVELS = 16  # per channel digit; 16**3 indexable frames
 MAX_INDEXED_FRAMES = LEVELS**3
 DIRECTIONS = ("right", "down-right", "down", "down-left", "left", "up-left", "up", "up-right")
@@ -130,7 +132,7 @@ def write_video(path: str | Path, video: np.ndarray, fps: float = 25.0) -> None:
         container.mux(stream.encode(None))
 
 
-def write_frame_folder(folder: str | Path, video: np.ndarray, image_tmpl: str = "img_{:05d}.jpg",
+def write_frame_folder(folder: str | Path, video: np.ndarray, image_tmpl: str = IMAGE_TMPL,
                        quality: int = 90) -> None:
     """Write uint8 (T, H, W, 3) as JPEG files named by image_tmpl, numbered from 1."""
     folder = Path(folder)
@@ -142,7 +144,7 @@ def write_frame_folder(folder: str | Path, video: np.ndarray, image_tmpl: str = 
 
 
 def make_motion_dataset(out: str | Path, spec: MotionSpec, *, train_per_class: int, val_per_class: int,
-                        seed: int = 0, layout: str = "video", image_tmpl: str = "img_{:05d}.jpg") -> dict[str, int]:
+                        seed: int = 0, layout: str = "video", image_tmpl: str = IMAGE_TMPL) -> dict[str, int]:
     """Write OUT/videos/<split>/*.mp4 (layout video) or OUT/frames/<split>/<name>/ (layout frames),
     OUT/train.txt and OUT/val.txt in the matching list format, and OUT/labels.csv. Returns counts per split."""
     if layout not in ("video", "frames"):

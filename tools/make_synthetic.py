@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shards.sources import IMAGE_TMPL  # noqa: E402
 from shards.synthetic import MotionSpec, make_motion_dataset  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=["video", "frames"], default="video",
                    help="raw .mp4 videos or frame folders of JPEGs")
-    p.add_argument("--image-tmpl", default="img_{:05d}.jpg", help="frame file names, layout frames")
+    p.add_argument("--image-tmpl", default=IMAGE_TMPL, help="frame file names, layout frames")
     args = p.parse_args(argv)
     if args.videos_per_class < 1 or args.val_per_class < 1:
         p.error("--videos-per-class and --val-per-class must be >= 1")

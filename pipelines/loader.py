@@ -9,7 +9,7 @@ from nvidia.dali import types
 
 from pipelines import augment
 from pipelines.pipeline import eval_pipeline, train_pipeline
-from pipelines.plan import ClipSpec, EpochPlan, Planner, rank_rows
+from pipelines.plan import ClipSpec, EpochPlan, Planner
 from pipelines.reader import ShardFiles, ShardReadError, SharedRanges, check_sample, read_samples, shard_paths
 from pipelines.source import ClipSource
 
@@ -102,9 +102,8 @@ class Loader:
         self._shared = SharedRanges(self.samples) if self.py_workers else None
         self._skipped_ids: set[int] = set()
         self._epoch, self._position = 0, 0
-        rank_rows(len(self.samples), batch_size, rank, world_size, shuffle=False)  # validates rank
         self._planner = self._new_planner()
-        self._batches_per_epoch = self._planner.num_batches
+        self._batches_per_epoch = self._planner.num_batches  # rank_rows: raises on a bad rank
         self._pipe, self._pipe_planner, self._pipe_next = None, None, -1  # global batch the pipe yields next
 
     # --- size and position -----------------------------------------------------------------

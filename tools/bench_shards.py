@@ -33,8 +33,6 @@ from shards.manifest import IndexEntry, read_frames, read_index, read_video  # n
 from shards.sources import Source  # noqa: E402
 
 NUM_SEGMENTS, FRAMES_PER_SEGMENT, CROP = 8, 5, 224
-CLIP_MEAN = [0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255]
-CLIP_STD = [0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255]
 
 CONFIGS = [
     EncodeOptions(layout="frames", quality=60),
@@ -90,8 +88,11 @@ def _postprocess(fn, types, images, train_like: bool, video_layout: bool):
     """Training's per-frame work after decoding: resize, centre crop, normalize to float CHW."""
     if not train_like:
         return images
+    from pipelines.augment import CLIP_MEAN, CLIP_STD
+
     images = fn.resize(images, resize_shorter=CROP)
-    return fn.crop_mirror_normalize(images, crop=(CROP, CROP), mean=CLIP_MEAN, std=CLIP_STD, dtype=types.FLOAT,
+    return fn.crop_mirror_normalize(images, crop=(CROP, CROP), mean=[255 * v for v in CLIP_MEAN],
+                                    std=[255 * v for v in CLIP_STD], dtype=types.FLOAT,
                                     output_layout="FCHW" if video_layout else "CHW")
 
 

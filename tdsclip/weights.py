@@ -216,7 +216,8 @@ def _arch_with_sizes(sizes: dict[str, int]) -> str | None:
 # Files
 
 
-def _torch_load(path: Path) -> object:
+def read_checkpoint_file(path: Path) -> object:
+    """torch.load a checkpoint onto the CPU; a missing or unreadable file raises an error naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -303,7 +304,7 @@ def load_model(path: str | os.PathLike, num_segments: int | None = None) -> TDSC
             None keeps the stored value.
     """
     path = Path(path)
-    checkpoint = _torch_load(path)
+    checkpoint = read_checkpoint_file(path)
     if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
         model = model_from_checkpoint(checkpoint, num_segments, source=str(path))
     elif isinstance(checkpoint, dict) and is_official_state(checkpoint.get("model_state_dict")):
@@ -368,7 +369,7 @@ def read_clip_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", FutureWarning)
             state = torch.jit.load(path, map_location="cpu").state_dict()
     else:
-        state = _torch_load(path)
+        state = read_checkpoint_file(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -18,6 +18,7 @@ from tdsclip.distributed import World
 from tdsclip.metrics import MetricsLogger
 from tdsclip.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 from tdsclip.train import NonFiniteLossError, Trainer, build_mixup, derive_batch, evaluate
+from tdsclip.weights import CheckpointError
 
 CLIP_SHAPE = (2, 1, 3, 4, 4)  # (T, M, 3, H, W)
 NUM_CLASSES = 3
@@ -139,6 +140,17 @@ def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary left behind
+
+
+def test_load_last_names_a_damaged_or_foreign_file(tmp_path):
+    checkpointer = Checkpointer(tmp_path)
+    assert checkpointer.load_last() is None
+    (tmp_path / "last.pt").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match=r"last\.pt.*truncated"):
+        checkpointer.load_last()
+    torch.save({"model": {}}, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="not a resumable tdsclip training checkpoint"):
+        checkpointer.load_last()
 
 
 def test_checkpoint_holds_contract_keys_and_best(tmp_path):

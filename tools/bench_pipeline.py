@@ -187,7 +187,8 @@ def decoded_frames(keyframes: np.ndarray, needed: np.ndarray) -> int:
     return int(decoded)
 
 
-def keyframes_of(data_or_path) -> np.ndarray:
+def keyframes_of(data_or_path) -> tuple[np.ndarray, int]:
+    """(keyframe indices, number of frames) of a video file or WebM bytes, from one demux pass."""
     import io
 
     import av
@@ -195,26 +196,17 @@ def keyframes_of(data_or_path) -> np.ndarray:
     source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else str(data_or_path)
     with av.open(source) as container:
         flags = [p.is_keyframe for p in container.demux(video=0) if p.size]
-    return np.flatnonzero(flags)
+    return np.flatnonzero(flags), len(flags)
 
 
 def amplification(sources: list, num_segments: int, clips: int = 20) -> float:
     """Mean frames decoded per clip of 40 training frames, over random clips of `sources`."""
     rng, total = np.random.default_rng(0), []
     for source in sources:
-        keys, n = keyframes_of(source), _frame_count(source)
+        keys, n = keyframes_of(source)
         for _ in range(clips):
             total.append(decoded_frames(keys, sampling.window(sampling.train_centres(n, num_segments, rng), n)))
     return float(np.mean(total))
-
-
-def _frame_count(source) -> int:
-    import io
-
-    import av
-
-    with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
-        return sum(1 for p in container.demux(video=0) if p.size)
 
 
 # --- where the time goes ---------------------------------------------------------------------
@@ -343,7 +335,7 @@ def main(argv=None) -> None:
                                                  **train_options), needed)
     run("ours test 1 crop x 1 clip, frames", ours(frames, "test", args, image_size=args.image_size), needed)
     run("ours train, video (VP9 WebM)", ours(tars["video"] * repeat, "train", args, **train_options),
-        amplification(_webm_bytes(tars["video"], args), args.num_segments))
+        amplification(_webm_bytes(tars["video"]), args.num_segments))
     if not args.skip_baseline:
         original = amplification(paths, args.num_segments)
         run("baseline train (decord + PIL)", baseline(paths * repeat, True, args), original)
@@ -357,12 +349,11 @@ def main(argv=None) -> None:
     report(rows, cost, needed, args)
 
 
-def _webm_bytes(tars: list[str], args) -> list[bytes]:
-    from pipelines.reader import ShardFiles
+def _webm_bytes(tars: list[str]) -> list[bytes]:
+    from pipelines.reader import ShardFiles, read_samples
 
-    data = pipelines.loader(tars, "train", 1, num_segments=args.num_segments, num_threads=1, device="cpu")
     files = ShardFiles()
-    return [files.pread(s.tar, s.key, *s.ranges[0]).tobytes() for s in data.samples]
+    return [files.pread(s.tar, s.key, *s.ranges[0]).tobytes() for s in read_samples(tars)]
 
 
 def report(rows, cost: dict[str, tuple[float, float]], needed: int, args) -> None:

@@ -9,6 +9,7 @@ so one bad input never stops a run.
 """
 
 import io
+import itertools
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -152,7 +153,7 @@ def _encode_frames(source: Source, frames: Iterator[av.VideoFrame], rate: Fracti
     if first is None:
         raise _Reject("empty: no video frames decode")
     width, height = target_size(first.width, first.height, options.short_side)
-    stream = _chain(first, frames)
+    stream = itertools.chain([first], frames)
     if options.layout == "video":
         video, count = _encode_vp9(stream, width, height, rate, options)
         _verify_video(video, count, width, height)
@@ -161,11 +162,6 @@ def _encode_frames(source: Source, frames: Iterator[av.VideoFrame], rate: Fracti
                           options.quality) for f in stream]
     _verify_jpegs(jpegs, width, height)
     return EncodedSample(_meta(source, "frames", len(jpegs), float(rate), width, height), frames=jpegs)
-
-
-def _chain(first: av.VideoFrame, rest: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
-    yield first
-    yield from rest
 
 
 def _encode_vp9(frames: Iterator[av.VideoFrame], width: int, height: int, rate: Fraction,

@@ -27,7 +27,7 @@ def device_peak_tflops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     for key, tflops in _PEAK_BF16_TFLOPS.items():
-        if key in name.split() or key in name:
+        if key in name:
             return tflops
     return None
 

@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tdsclip import ModelConfig, build_model, load_clip_weights, tiny_config, trainable_parameters  # noqa: E402
+from tdsclip.metrics import host_rss_bytes  # noqa: E402
 
 
 @dataclass
@@ -145,11 +146,6 @@ def count_flops(model, clips, labels) -> int:
     return counter.get_total_flops()
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def peak_step_memory(step, device: torch.device) -> int:
     """Peak memory of one step: on GPU the CUDA allocator's peak (absolute: it includes the weights of
     both sides' models, ~0.35 GiB per ViT-B/16 copy); on CPU the peak RSS rise during the step."""
@@ -161,11 +157,11 @@ def peak_step_memory(step, device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap so the rise below is this step's
-    before, peak, done = _rss_bytes(), [0], threading.Event()
+    before, peak, done = host_rss_bytes(), [0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], host_rss_bytes())
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -173,7 +169,7 @@ def peak_step_memory(step, device: torch.device) -> int:
     step()
     done.set()
     sampler.join()
-    return max(peak[0], _rss_bytes()) - before
+    return max(peak[0], host_rss_bytes()) - before
 
 
 def measure(sides: list[Side], args: argparse.Namespace, device: torch.device) -> None:

@@ -136,6 +136,13 @@ def _get(data: dict, key: str, kind: type | tuple, where: str) -> Any:
     return value
 
 
+def _layout(data: dict, where: str) -> str:
+    layout = _get(data, "layout", str, where)
+    if layout not in fmt.LAYOUTS:
+        raise ShardFormatError(f"{where}: key 'layout' is {layout!r}, not one of {fmt.LAYOUTS}")
+    return layout
+
+
 def read_manifest(directory: str | os.PathLike, split: str, check_files: bool = True) -> Manifest:
     """Read and validate `<directory>/<split>.manifest.json`.
 
@@ -148,9 +155,7 @@ def read_manifest(directory: str | os.PathLike, split: str, check_files: bool = 
     where = str(path)
     if _get(data, "split", str, where) != split:
         raise ShardFormatError(f"{where}: key 'split' is {data['split']!r}, expected {split!r}")
-    layout = _get(data, "layout", str, where)
-    if layout not in fmt.LAYOUTS:
-        raise ShardFormatError(f"{where}: key 'layout' is {layout!r}, not one of {fmt.LAYOUTS}")
+    layout = _layout(data, where)
     shards = []
     for i, s in enumerate(_get(data, "shards", list, where)):
         at = f"{where}: shards[{i}]"
@@ -191,9 +196,7 @@ def _range(value: Any, at: str) -> tuple[int, int]:
 def _entry(tar: Path, e: Any, at: str) -> IndexEntry:
     if not isinstance(e, dict):
         raise ShardFormatError(f"{at}: should be an object")
-    layout = _get(e, "layout", str, at)
-    if layout not in fmt.LAYOUTS:
-        raise ShardFormatError(f"{at}: key 'layout' is {layout!r}, not one of {fmt.LAYOUTS}")
+    layout = _layout(e, at)
     num_frames = _get(e, "num_frames", int, at)
     if num_frames < 1:
         raise ShardFormatError(f"{at}: num_frames must be >= 1, got {num_frames}")

@@ -8,7 +8,8 @@ FORMAT_VERSION = 1
 
 LAYOUTS = ("frames", "video")
 SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+KEY_CHARS = "A-Za-z0-9_-"  # a regex character class
+KEY_PATTERN = re.compile(f"^[{KEY_CHARS}]+$")
 # ustar keeps a member name in 100 bytes; `<key>.000000.jpg` adds 11 to the key.
 MAX_KEY_LENGTH = 80
 

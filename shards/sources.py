@@ -51,7 +51,7 @@ def _detect_frame_folders(lines: list[tuple[int, str]]) -> bool:
 def make_key(path: str, used: set[str], strip_extension: bool = True) -> str:
     """A webdataset key from a relative path: `[A-Za-z0-9_-]`, at most MAX_KEY_LENGTH, unique in `used`."""
     stem = os.path.splitext(path)[0] if strip_extension else path
-    key = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_") or "sample"
+    key = re.sub(f"[^{fmt.KEY_CHARS}]+", "_", stem).strip("_") or "sample"
     if len(key) > fmt.MAX_KEY_LENGTH or key in used:
         digest = hashlib.sha1(path.encode()).hexdigest()[:10]
         key = f"{key[: fmt.MAX_KEY_LENGTH - 11]}_{digest}"

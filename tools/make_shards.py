@@ -23,6 +23,7 @@ from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shards import format as fmt  # noqa: E402
 from shards.build import BuildError, build_split  # noqa: E402
 from shards.encode import EncodedSample, EncodeOptions  # noqa: E402
 from shards.manifest import Manifest  # noqa: E402
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
     p.add_argument("--split", default="train", help="split name: file prefix and manifest name (default train)")
     p.add_argument("--labels", type=Path, help="CSV of 'id,name' rows; class names for the manifest")
-    p.add_argument("--layout", choices=["frames", "video"], default=defaults.layout,
+    p.add_argument("--layout", choices=fmt.LAYOUTS, default=defaults.layout,
                    help=f"one JPEG per frame or one VP9 WebM per video (default {defaults.layout}; docs/shards.md)")
     p.add_argument("--short-side", type=int, default=defaults.short_side,
                    help=f"resize so the short side is this many pixels, 0 keeps the size (default "

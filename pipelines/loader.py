@@ -102,8 +102,8 @@ class Loader:
         self._shared = SharedRanges(self.samples) if self.py_workers else None
         self._skipped_ids: set[int] = set()
         self._epoch, self._position = 0, 0
-        self._planner = self._new_planner()
-        self._batches_per_epoch = self._planner.num_batches  # rank_rows: raises on a bad rank
+        self._planner = self._new_planner()  # raises on a bad rank
+        self._batches_per_epoch = self._planner.num_batches
         self._pipe, self._pipe_planner, self._pipe_next = None, None, -1  # global batch the pipe yields next
 
     # --- size and position -----------------------------------------------------------------

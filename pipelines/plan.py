@@ -97,6 +97,19 @@ class EpochPlan:
         return len(self.sample) // self.batch_size
 
 
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+
+
+def batches_per_epoch(num_videos: int, batch_size: int, world_size: int, *, shuffle: bool) -> int:
+    """Batches every rank gets per epoch: len(rank_rows(...)[0]) // batch_size, without drawing the rows."""
+    if shuffle:
+        return max(1, num_videos // (batch_size * world_size))
+    per_rank = -(-num_videos // world_size)  # ceil: the longest rank's share
+    return max(1, -(-per_rank // batch_size))
+
+
 def rank_rows(num_videos: int, batch_size: int, rank: int, world_size: int, *, shuffle: bool,
               rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """This rank's videos for one epoch, in order, as (indices, valid); len is a multiple of batch_size.
@@ -107,16 +120,13 @@ def rank_rows(num_videos: int, batch_size: int, rank: int, world_size: int, *, s
     No shuffle (val/test): video i goes to rank i % world_size; short ranks are padded with
     repeats marked invalid, so each video is counted exactly once over all ranks.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    _check_rank(rank, world_size)
+    num_batches = batches_per_epoch(num_videos, batch_size, world_size, shuffle=shuffle)
     if shuffle:
-        num_batches = max(1, num_videos // (batch_size * world_size))
         order = np.resize(rng.permutation(num_videos), num_batches * batch_size * world_size)
         rows = order[rank::world_size]
         return rows, np.ones(len(rows), dtype=bool)
     rows = np.arange(rank, num_videos, world_size)
-    per_rank = -(-num_videos // world_size)  # ceil: the longest rank's share
-    num_batches = max(1, -(-per_rank // batch_size))
     pad = num_batches * batch_size - len(rows)
     filler = rows[:1] if len(rows) else np.zeros(1, dtype=np.int64)
     valid = np.concatenate([np.ones(len(rows), dtype=bool), np.zeros(pad, dtype=bool)])
@@ -166,6 +176,7 @@ class Planner:
     shared: SharedRanges | None = None  # where worker processes find the byte ranges (else pickled)
 
     def __post_init__(self):
+        _check_rank(self.rank, self.world_size)
         self._cache: dict[int, EpochPlan] = {}
         self._pending: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -210,8 +221,7 @@ class Planner:
     @property
     def num_batches(self) -> int:
         """Batches per epoch: the same for every epoch (skips replace or pad, never shorten)."""
-        return len(rank_rows(len(self.samples), self.batch_size, self.rank, self.world_size,
-                             shuffle=self.spec.train, rng=np.random.default_rng(0))[0]) // self.batch_size
+        return batches_per_epoch(len(self.samples), self.batch_size, self.world_size, shuffle=self.spec.train)
 
     def __getstate__(self):  # plans are remade in the worker, not shipped; ranges come from `shared`
         state = {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_pending", "_lock")}

@@ -27,13 +27,12 @@ def read_clips(source: ClipSource, decode_device: str, parallel: int, decoder_op
     else:
         images = fn.decoders.video(outputs[0], frames=outputs[1], device=decode_device)  # (F, H, W, C)
         params = outputs[2:]
-    step, views = source.params_per_view, []
-    for first in range(0, len(params), step):
-        view = list(params[first:first + 3])
-        rest = list(params[first + 3:first + step])
-        view.append(rest.pop(0) if source.grayscale else None)
-        view.append(rest.pop(0) if source.randaugment else None)
-        views.append(tuple(view))
+    views = []
+    for first in range(0, len(params), source.params_per_view):
+        roi_start, roi_end, mirror, *extra = params[first:first + source.params_per_view]
+        gray = extra.pop(0) if source.grayscale else None
+        draws = extra.pop(0) if source.randaugment else None
+        views.append((roi_start, roi_end, mirror, gray, draws))
     return images, views
 
 

@@ -124,20 +124,70 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**(sizes | overrides))
 
 
+def exact_norm_on_cpu(x: torch.Tensor) -> bool:
+    """Whether the side network's norms compute in float64: fp32 (or float64) on CPU, no autocast.
+
+    With a few clips per batch, train-mode BatchNorm makes the gradients of biases (and of anything
+    whose gradient is a sum over positions) small differences of large sums. fp32 rounding in the
+    norms' statistics and backward reductions leaves them 1e-5..1e-4 from exact; the official fp32
+    code is that far too. In float64 ours are a few 1e-6 from exact, so they differ from the official
+    ones by little more than the official rounding (docs/model.md, Parity). Cost: ~4% of an fp32 CPU
+    training step; the bf16 (autocast) and GPU paths do not take this branch.
+    """
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu")
+
+
+def _double(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.double()
+
+
 class ChannelNorm(nn.BatchNorm1d):
     """BatchNorm over the last dim of a channels-last tensor.
 
     Statistics are over every other dim, as the official BatchNorm3d over (B, C, T, h, w). They are
-    computed in fp32 under autocast (bf16 sums over ~10^5 rows lose the mean). On CPU the batch is
-    viewed as (1, C, N): PyTorch's CPU kernels then sum each channel as they do for the official
-    layout, which keeps fp32 gradients 2-3x closer to the official ones; on GPU (N, C) avoids the copy.
+    computed in fp32 under autocast (bf16 sums over ~10^5 rows lose the mean) and in float64 for fp32
+    on CPU (``exact_norm_on_cpu``).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float()  # (N, C)
-        if rows.device.type == "cpu":
-            return super().forward(rows.t().unsqueeze(0)).squeeze(0).t().reshape(x.shape).to(x.dtype)
-        return super().forward(rows).reshape(x.shape).to(x.dtype)
+        rows = x.reshape(-1, x.shape[-1])  # (N, C)
+        if rows.device.type != "cpu":
+            return super().forward(rows.float()).reshape(x.shape).to(x.dtype)
+        if exact_norm_on_cpu(rows):
+            return self._forward_float64(rows).reshape(x.shape).to(x.dtype)
+        # bf16 on CPU: (1, C, N) makes PyTorch's CPU kernels sum each channel as for the official layout
+        return super().forward(rows.float().t().unsqueeze(0)).squeeze(0).t().reshape(x.shape).to(x.dtype)
+
+    def _forward_float64(self, rows: torch.Tensor) -> torch.Tensor:
+        """nn.BatchNorm1d's forward in float64; the running statistics keep their dtype."""
+        running_mean = running_var = None
+        if self.track_running_stats:
+            # copies (also for float64 buffers): batch_norm updates them in place and saves them for backward
+            running_mean = self.running_mean.to(torch.float64, copy=True)
+            running_var = self.running_var.to(torch.float64, copy=True)
+        momentum = self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm1d
+                momentum = 1.0 / self.num_batches_tracked.item()
+        use_batch_stats = self.training or not self.track_running_stats
+        out = F.batch_norm(rows.double(), running_mean, running_var, _double(self.weight), _double(self.bias),
+                           use_batch_stats, momentum or 0.0, self.eps)
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.copy_(running_mean)
+                self.running_var.copy_(running_var)
+        return out
+
+
+class SideLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm, in float64 for fp32 on CPU (``exact_norm_on_cpu``: its bias gradient sums all tokens)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not exact_norm_on_cpu(x):
+            return super().forward(x)
+        out = F.layer_norm(x.double(), self.normalized_shape, _double(self.weight), _double(self.bias), self.eps)
+        return out.to(x.dtype)
 
 
 def patch_conv3d(frames: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
@@ -185,7 +235,7 @@ class BackboneTap(nn.Module):
 
     def __init__(self, width: int, side_dim: int):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
+        self.norm = SideLayerNorm(width)
         self.proj = nn.Linear(width, side_dim)
         nn.init.normal_(self.proj.weight, std=(2 * side_dim) ** -0.5)
 
@@ -288,7 +338,7 @@ class SideBlock(nn.Module):
         self.temporal_norm = ChannelNorm(dim)
         self.temporal_conv = TemporalConv(dim)
         self.td_gate = TDGate(dim)
-        self.attn_norm = nn.LayerNorm(dim)
+        self.attn_norm = SideLayerNorm(dim)
         self.cross_attn = CrossAttention(dim, heads)
         self.mlp_norm = ChannelNorm(dim)
         self.mlp = SideMLP(dim)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tdsclip
-from tdsclip.model import TDGate, TemporalConv, shift_class_token
+from tdsclip.model import ChannelNorm, SideLayerNorm, TDGate, TemporalConv, shift_class_token
 from tdsclip.weights import our_name_to_official
 
 GOLDEN_CASES = sorted(p for p in (Path(__file__).parent / "data").glob("golden_*") if (p / "io.pt").is_file())
@@ -150,6 +150,45 @@ def test_td_gate_uses_temporal_max_pool(T):
     torch.testing.assert_close(gate(x), x + x * (torch.sigmoid(y) - 0.5))
 
 
+def test_norms_compute_in_float64_for_fp32_on_cpu():
+    """fp32 on CPU: BatchNorm and LayerNorm arithmetic in float64, with nn.BatchNorm1d's running statistics."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 16) * 3 + 1  # (B, T, L, C)
+    ours, ref = ChannelNorm(16), torch.nn.BatchNorm1d(16)
+    expected = F.batch_norm(x.reshape(-1, 16).double(), None, None, training=True).float().reshape(x.shape)
+    assert torch.equal(ours(x), expected)
+    ref(x.reshape(-1, 16))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked.item() == 1
+    ours.eval()
+    torch.testing.assert_close(ours(x), ref.eval()(x.reshape(-1, 16)).reshape(x.shape))
+    norm = SideLayerNorm(16)
+    assert torch.equal(norm(x), F.layer_norm(x.double(), (16,)).float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 path stays in fp32 statistics
+        low = norm(x.bfloat16())
+    assert low.dtype == torch.bfloat16 and not torch.equal(low.float(), F.layer_norm(x.double(), (16,)).float())
+
+
+def test_fp32_gradients_close_to_float64():
+    """Bias gradients under train-mode BatchNorm are small differences of large sums; the float64 norms
+    keep fp32 within a few 1e-6 of exact (fp32 norms: up to 8e-6 here, 1e-4 on other models)."""
+    torch.manual_seed(0)
+    config = tdsclip.tiny_config(width=96, layers=2, patch_size=6, image_size=24, side_dim=96, num_segments=3)
+    model = tdsclip.build_model(config).train()
+    exact = tdsclip.build_model(config).double().train()
+    exact.load_state_dict(model.state_dict())
+    clips, labels = torch.randn(3, 3, 5, 3, 24, 24), torch.tensor([1, 4, 7])
+    F.cross_entropy(model(clips), labels).backward()
+    F.cross_entropy(exact(clips.double()), labels).backward()
+    grads = {n: p.grad for n, p in exact.named_parameters() if p.requires_grad}
+    scale = max(g.abs().max().item() for g in grads.values())
+    for name, p in model.named_parameters():
+        ref = grads.get(name)
+        if ref is not None and ref.abs().max() > NOISE_LEVEL * scale:
+            assert max_rel_err(p.grad.double(), ref) < 5e-6, name
+
+
 def test_compiles_without_graph_breaks(tiny):
     """fullgraph=True fails on any graph break; aot_eager keeps the test fast (no C++ codegen)."""
     clips = tiny_clips(tiny)
@@ -162,6 +201,9 @@ def test_compiles_without_graph_breaks(tiny):
         logits = compiled(clips)
     logits.float().sum().backward()
     assert tiny.head.fc.weight.grad is not None
+    tiny.zero_grad(set_to_none=True)
+    compiled(clips).sum().backward()  # train mode, fp32: the float64 norms and their running stats
+    assert tiny.head.norm.weight.grad is not None
     tiny.zero_grad(set_to_none=True)
 
 

@@ -75,3 +75,33 @@ def test_ten_crops_alternate_plain_and_mirrored(gradient_shards):
     increasing = (views[:, :, -3:].mean((1, 2)) > views[:, :, :3].mean((1, 2))).tolist()
     assert increasing == [True, False] * 5
     torch.testing.assert_close(views[1], views[0].flip(-1), atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["translate_x", "translate_y"])
+def test_randaugment_translate_is_dalis_translate_in_whole_pixels(name):
+    """Our slice-based translate equals DALI's warp translate at nearest interpolation, every bin and sign."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
+    from nvidia.dali.auto_aug.core import signed_bin
+
+    index = augment.RA_OPS.index(name)
+    image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    ours = augment._rand_augment_suite(image.shape[:2])[index]
+    dalis = dali_rand_augment.get_rand_augment_suite(use_shape=True)[index]
+    bins = np.repeat(np.arange(augment.RA_NUM_BINS, dtype=np.int32), 2)
+    signs = np.tile(np.arange(2, dtype=np.int32), augment.RA_NUM_BINS)
+
+    @pipeline_def(batch_size=len(bins), num_threads=1, device_id=None)
+    def both():
+        images = fn.external_source(source=lambda: [image] * len(bins), batch=True, layout="HWC")
+        magnitude = signed_bin(fn.external_source(source=lambda: list(bins), batch=True),
+                               fn.external_source(source=lambda: list(signs), batch=True))
+        common = dict(magnitude_bin=magnitude, num_magnitude_bins=augment.RA_NUM_BINS, shape=image.shape[:2],
+                      fill_value=128)
+        return ours(images, **common), dalis(images, interp_type=types.INTERP_NN, **common)
+
+    pipe = both()
+    pipe.build()
+    shifted, warped = (np.stack([np.asarray(s) for s in out]) for out in pipe.run())
+    np.testing.assert_array_equal(shifted, warped)
+    assert (shifted[-2] != image).any() and (shifted[-2] == 128).any()  # the largest shift moves and pads

@@ -73,7 +73,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     schedule: WarmupCosineSchedule
     train_loader: Any
-    val_loader: Any | None
+    val_loader: Any | None  # iterable of one epoch's batches per pass, with close() to release it in between
     checkpointer: Checkpointer
     metrics: MetricsLogger
     world: World
@@ -151,6 +151,7 @@ class Trainer:
                 result = evaluate(self.eval_model, self.val_loader, views=1,
                                   num_classes=self.model.config.num_classes,
                                   device=self.world.device, precision=self.precision)
+                self.val_loader.close()  # its prefetched batches and decode buffers are not needed until next time
                 self.metrics.log(self.state.step, {"val/top1": result["top1"], "val/top5": result["top5"]})
                 self.val_history.append({"epoch": epoch + 1, "top1": result["top1"], "top5": result["top5"]})
                 is_best = result["top1"] >= self.state.best_top1

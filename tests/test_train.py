@@ -54,6 +54,7 @@ class FakeLoader:
         self.num_batches, self.batch_size, self.seed, self.views = num_batches, batch_size, seed, views
         self.epoch, self.position = 0, 0
         self.crash_at, self.nan_from_epoch = crash_at, nan_from_epoch
+        self.closed = 0
 
     def __len__(self):
         return self.num_batches
@@ -67,7 +68,12 @@ class FakeLoader:
     def load_state_dict(self, state):
         self.epoch, self.position = state["epoch"], state["position"]
 
+    def close(self):
+        self.closed += 1
+
     def __iter__(self):
+        if self.position >= self.num_batches:  # a finished epoch: the next iteration is the next epoch
+            self.epoch, self.position = self.epoch + 1, 0
         while self.position < self.num_batches:
             if self.crash_at == (self.epoch, self.position):
                 raise KeyboardInterrupt("simulated crash")
@@ -162,6 +168,14 @@ def test_checkpoint_holds_contract_keys_and_best(tmp_path):
     assert set(checkpoint["model"]) == set(trainer.model.state_dict())
     assert {"optimizer", "schedule", "rng", "data", "step", "epoch", "config"} <= set(checkpoint)
     assert (tmp_path / "best.pt").is_file()
+
+
+def test_each_validation_sees_every_batch_and_then_releases_the_loader(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3)
+    trainer.fit()
+    assert [v["epoch"] for v in trainer.val_history] == [1, 2, 3]
+    assert trainer.val_loader.epoch == 2 and trainer.val_loader.position == trainer.val_loader.num_batches
+    assert trainer.val_loader.closed == 3  # its pipeline (GPU buffers, prefetched batches) freed for training
 
 
 class ViewLogits(nn.Module):

@@ -4,7 +4,8 @@ Ours: tools/make_shards.py packs the videos (layouts `frames` and `video`), then
 yields train and test batches on --device. Baseline: what the official TDS-CLIP code does, a torch
 DataLoader whose workers open each original video with decord, take the 40 needed frames one by
 one, and run PIL group transforms (scale 256 bicubic, random-sized crop 224 bilinear, flip,
-grayscale; test: scale + centre crop), then ToTensor + normalize. Both get the same cores.
+grayscale; test: scale + centre crop), then ToTensor + normalize; with RandAugment, timm's
+rand-m7-n4-mstd0.5-inc1 first, on the decoded frames, as the official code. Both get the same cores.
 
 Prints clips/s, clips/s per core, the ratio ours/baseline, frames decoded per clip against the
 40 needed, and where the time of the train pipeline goes (decode, crop+resize, augment+normalize,
@@ -119,10 +120,15 @@ def ours(tars: list[str], split: str, args, **options):
 
 # --- baseline: the official recipe -----------------------------------------------------------
 class OfficialStyleVideos(torch.utils.data.Dataset):
-    """decord + PIL group transforms, as the official Video_dataset + get_augmentation do."""
+    """decord + PIL group transforms, as the official Video_dataset + get_augmentation do.
 
-    def __init__(self, paths: list[str], num_segments: int, train: bool):
+    With `randaugment`, timm's rand-m7-n4-mstd0.5-inc1 (bicubic) runs first, on the decoded frames,
+    as the official Something-Something recipe does.
+    """
+
+    def __init__(self, paths: list[str], num_segments: int, train: bool, randaugment: bool = False):
         self.paths, self.num_segments, self.train = paths, num_segments, train
+        self.randaugment = _official_rand_augment() if randaugment else None
 
     def __len__(self):
         return len(self.paths)
@@ -136,6 +142,8 @@ class OfficialStyleVideos(torch.utils.data.Dataset):
         centres = (sampling.train_centres(n, self.num_segments, np.random.default_rng())
                    if self.train else sampling.val_centres(n, self.num_segments))
         images = [Image.fromarray(video[int(p)].asnumpy()) for p in sampling.window(centres, n).reshape(-1)]
+        if self.randaugment is not None:
+            images = _rand_augment_clip(images, self.randaugment)
         images = [img.resize(_short_side(img.size, 256), Image.BICUBIC) for img in images]
         images = _train_transform(images) if self.train else _centre_crop(images, 224)
         array = np.concatenate([np.asarray(img) for img in images], axis=2)  # (H, W, 3*40)
@@ -143,6 +151,24 @@ class OfficialStyleVideos(torch.utils.data.Dataset):
         mean = torch.tensor(augment.CLIP_MEAN * len(images)).view(-1, 1, 1)
         std = torch.tensor(augment.CLIP_STD * len(images)).view(-1, 1, 1)
         return (tensor - mean) / std, 0
+
+
+def _official_rand_augment():
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    return rand_augment_transform("rand-m7-n4-mstd0.5-inc1", {"translate_const": int(256 * 0.45),
+                                                              "interpolation": Image.BICUBIC})
+
+
+def _rand_augment_clip(images, transform):
+    """timm RandAugment with one set of draws for all frames (the official video AugmentOp)."""
+    for op in np.random.choice(transform.ops, transform.num_layers):
+        state = random.getstate()  # each frame replays the op's draws: p, magnitude
+        for i, image in enumerate(images):
+            random.setstate(state)
+            images[i] = op(image)
+    return images
 
 
 def _short_side(size, short):
@@ -169,8 +195,8 @@ def _centre_crop(images, size):
     return [img.crop((x, y, x + size, y + size)) for img in images]
 
 
-def baseline(paths: list[str], train: bool, args):
-    dataset = OfficialStyleVideos(paths, args.num_segments, train)
+def baseline(paths: list[str], train: bool, args, randaugment: bool = False):
+    dataset = OfficialStyleVideos(paths, args.num_segments, train, randaugment)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=train,
                                          num_workers=args.threads, drop_last=True, persistent_workers=True)
     return endless(lambda: iter(loader))
@@ -277,6 +303,38 @@ def source_rate(data: "pipelines.Loader", seconds: float = 3.0) -> tuple[float, 
     return clips / (time.perf_counter() - start), calls / clips
 
 
+def feed_rate(data: "pipelines.Loader", py_workers: int, threads: int, seconds: float = 5.0) -> float:
+    """Clips/s of the host side of the loader: the external source (reads, params) feeding a DALI
+    pipeline that decodes nothing, with `py_workers` reader processes (0: in the pipeline's thread).
+
+    On a GPU, decode and augment leave the CPU; this is then the CPU's ceiling for the whole loader.
+    """
+    from nvidia.dali import fn, pipeline_def
+
+    from pipelines.source import ClipSource
+
+    source = ClipSource(data._current_planner(), data.mode, grayscale=True)
+    parallel = {"parallel": True, "prefetch_queue_depth": py_workers + 1} if py_workers else {}
+
+    @pipeline_def(batch_size=data.batch_size * data.spec.frames_per_video, num_threads=threads,
+                  device_id=None, py_num_workers=max(1, py_workers), py_start_method="spawn")
+    def feed():
+        outputs = fn.external_source(source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
+                                     **parallel)
+        return outputs[0], outputs[-1]  # the encoded frames and one param column, fed and passed through
+
+    pipe = feed()
+    pipe.build()
+    pipe.run()
+    clips, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        pipe.run()
+        clips += data.batch_size
+    rate = clips / (time.perf_counter() - start)
+    del pipe
+    return rate
+
+
 def _dali_float():
     from nvidia.dali import types
 
@@ -339,6 +397,7 @@ def main(argv=None) -> None:
     if not args.skip_baseline:
         original = amplification(paths, args.num_segments)
         run("baseline train (decord + PIL)", baseline(paths * repeat, True, args), original)
+        run("baseline train + RandAugment (timm)", baseline(paths * repeat, True, args, randaugment=True), original)
         run("baseline test (decord + PIL)", baseline(paths * repeat, False, args), original)
     data = pipelines.loader(frames, "train", args.batch_size, num_segments=args.num_segments,
                             num_threads=args.threads, device=args.device, **train_options)
@@ -346,6 +405,9 @@ def main(argv=None) -> None:
     rate, preads = source_rate(data)
     print(f"external source alone (one Python thread, page cache warm): {rate:.0f} clips/s, "
           f"{preads:.1f} preads per clip", flush=True)
+    for workers in sorted({0, args.threads}):
+        print(f"external source feeding DALI, no decode, {workers} reader processes: "
+              f"{feed_rate(data, workers, args.threads):.0f} clips/s", flush=True)
     report(rows, cost, needed, args)
 
 
@@ -358,11 +420,12 @@ def _webm_bytes(tars: list[str]) -> list[bytes]:
 
 def report(rows, cost: dict[str, tuple[float, float]], needed: int, args) -> None:
     """Print the table, the ratios and the stage split; write --json."""
-    base = {kind: next((r for r in rows if r[0].startswith(f"baseline {kind}")), None) for kind in ("train", "test")}
+    base = {kind: next((r for r in rows if r[0].startswith(f"baseline {kind}")), None)
+            for kind in ("train", "test", "train + RandAugment")}
     print(f"\n{'loader':<40} {'clips/s':>8} {'/core':>6} {'vs base':>8} {'clips/CPU-s':>12} {'vs base':>8} "
           f"{'frames decoded/clip':>20}")
     for name, wall, per_cpu, frames in rows:
-        ref = base["test" if " test" in name else "train"]
+        ref = base["test" if " test" in name else "train + RandAugment" if "RandAugment" in name else "train"]
         ours_row = ref is not None and not name.startswith("baseline")
         ratio_wall = f"{wall / ref[1]:7.2f}x" if ours_row else ""
         ratio_cpu = f"{per_cpu / ref[2]:7.2f}x" if ours_row else ""

@@ -18,6 +18,7 @@ from pipelines.reader import Sample, SharedRanges
 
 SPLITS = ("train", "val", "test")
 FLIPS = ("none", "plain", "swap")
+PLANS_KEPT = 4  # epoch plans a Planner keeps (see Planner)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,8 +163,9 @@ class Planner:
     Train plans are made once per process: asking for epoch e returns it (made now if needed) and
     starts making e+1 in a background thread, so the next epoch's ~1.5 s (30k videos) of planning
     overlaps this epoch instead of stalling its first batch. Val/test plans do not depend on the
-    epoch: one plan serves all. Keeps the plans of the 4 latest epochs (e-1 .. e+2 around a boundary,
-    where the loader and the source prefetching past it ask for different epochs).
+    epoch: one plan serves all. Keeps the plans of the 4 epochs last asked for (e-1 .. e+2 around a
+    boundary, where the loader and the source prefetching past it ask for different epochs); least
+    recently used first out, so a caller that goes back to an earlier epoch keeps it too.
     """
 
     samples: list[Sample]
@@ -184,7 +186,9 @@ class Planner:
     def __call__(self, epoch: int) -> EpochPlan:
         epoch = epoch if self.spec.train else 0
         with self._lock:
-            plan, thread = self._cache.get(epoch), self._pending.get(epoch)
+            plan, thread = self._cache.pop(epoch, None), self._pending.get(epoch)
+            if plan is not None:
+                self._cache[epoch] = plan  # now the most recently used
         if plan is None and thread is not None:
             thread.join()
             plan = self._cache.get(epoch)
@@ -198,9 +202,10 @@ class Planner:
         plan = make_plan(self.samples, self.spec, self.batch_size, rank=self.rank, world_size=self.world_size,
                          seed=self.seed, epoch=epoch, skipped=self.skipped)
         with self._lock:
+            self._cache.pop(epoch, None)
             self._cache[epoch] = plan
-            latest = max(self._cache)
-            self._cache = {e: p for e, p in self._cache.items() if e >= latest - 3}
+            while len(self._cache) > PLANS_KEPT:
+                del self._cache[next(iter(self._cache))]  # dicts keep insertion order: the least recently used
         return plan
 
     def _prefetch(self, epoch: int) -> None:

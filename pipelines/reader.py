@@ -122,18 +122,23 @@ class ShardFiles:
         self._fds: dict[str, int] = {}
 
     def pread(self, tar: str, key: str, offset: int, size: int) -> np.ndarray:
-        """Bytes [offset, offset+size) of `tar` as a uint8 array; errors name the shard and key."""
+        """Bytes [offset, offset+size) of `tar` as a new uint8 array; errors name the shard and key."""
+        data = np.empty(int(size), np.uint8)
+        self.pread_into(tar, key, offset, data)
+        return data
+
+    def pread_into(self, tar: str, key: str, offset: int, out: np.ndarray) -> None:
+        """Fill the uint8 array `out` with the bytes of `tar` from `offset` on; errors name the shard and key."""
         try:
             fd = self._fds.get(tar)
             if fd is None:
                 fd = self._fds[tar] = os.open(tar, os.O_RDONLY)
-            data = os.pread(fd, int(size), int(offset))
+            count = os.preadv(fd, [out], int(offset))
         except OSError as error:
             raise ShardReadError(f"{tar}: sample {key!r}: read failed ({error})") from None
-        if len(data) != size:
+        if count != len(out):
             raise ShardReadError(f"{tar}: sample {key!r}: short read at byte {offset} "
-                                 f"({len(data)} of {size} bytes); the shard is truncated")
-        return np.frombuffer(data, dtype=np.uint8)
+                                 f"({count} of {len(out)} bytes); the shard is truncated")
 
     def __getstate__(self):  # file descriptors do not travel to worker processes
         return {"_fds": {}}

@@ -15,7 +15,8 @@ reader processes that lifted the host-side feed rate from ~300 to ~680 clips/s o
 
 Reads: a clip's 40 frames come in 8 windows of 5 consecutive frames, whose JPEG members are
 adjacent in the tar; byte ranges closer than MERGE_GAP are read with one pread and sliced without
-a copy, so a clip costs ~8 preads instead of 40.
+a copy, so a clip costs ~8 preads instead of 40. All reads of a batch land in one buffer that the
+source reuses (DALI copies what it is fed), so reading allocates nothing.
 The callable is picklable (no open files; the Planner ships without its plans) so DALI can run it
 in worker processes.
 """
@@ -33,7 +34,7 @@ class ClipSource:
     """Per-batch callback for `fn.external_source(batch=True, batch_info=True)`, from global batch `start` on."""
 
     def __init__(self, planner: Planner, mode: str, start: int = 0, *, grayscale: bool = False,
-                 randaugment: bool = False):
+                 randaugment: bool = False, reuse_buffer: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.planner, self.mode, self.start = planner, mode, start
@@ -42,6 +43,8 @@ class ClipSource:
         self.frames_per_video = planner.spec.frames_per_video
         self.num_views = planner.spec.num_views
         self.files = ShardFiles()
+        self.reuse_buffer = reuse_buffer  # False for DALI's worker processes (see _read)
+        self._buffer = np.empty(0, np.uint8)
 
     @property
     def num_outputs(self) -> int:
@@ -64,32 +67,37 @@ class ClipSource:
         rows = slice(batch * plan.batch_size, (batch + 1) * plan.batch_size)
         params = self._params(plan, rows)
         if self.mode == "frame":
-            jpegs = []
-            for row in range(rows.start, rows.stop):
-                jpegs += self._read_frames(samples[plan.sample[row]], plan.frames[row])
+            clips = [(samples[plan.sample[row]], plan.frames[row]) for row in range(rows.start, rows.stop)]
+            jpegs = self._read([(sample, *_frame_spans(sample.ranges[frames])) for sample, frames in clips])
             return [jpegs] + [np.repeat(column, self.frames_per_video, axis=0) for column in params]
-        webms = [self.files.pread(sample.tar, sample.key, *sample.ranges[0])
-                 for sample in (samples[i] for i in plan.sample[rows])]
+        webms = self._read([(sample, [tuple(sample.ranges[0])], [(0, 0, sample.ranges[0][1])])
+                            for sample in (samples[i] for i in plan.sample[rows])])
         return [webms, np.ascontiguousarray(plan.frames[rows])] + params
 
-    def _read_frames(self, sample, frames: np.ndarray) -> list[np.ndarray]:
-        """The JPEG bytes of `frames` (in order, repeats included), coalescing adjacent byte ranges."""
-        ranges = sample.ranges[frames].astype(np.int64)  # (F, 2) [offset, size]
-        order = np.argsort(ranges[:, 0], kind="stable")
-        data: list = [None] * len(frames)
-        i = 0
-        while i < len(order):
-            j, begin = i, ranges[order[i], 0]
-            end = begin + ranges[order[i], 1]
-            while j + 1 < len(order) and ranges[order[j + 1], 0] <= end + MERGE_GAP:
-                j += 1
-                end = max(end, ranges[order[j], 0] + ranges[order[j], 1])
-            span = self.files.pread(sample.tar, sample.key, begin, end - begin)
-            for k in order[i:j + 1]:
-                offset, size = ranges[k]
-                data[k] = span[offset - begin:offset - begin + size]
-            i = j + 1
-        return data
+    def _read(self, clips: list) -> list[np.ndarray]:
+        """The pieces of each (sample, spans, pieces) clip, in order, as views of one buffer holding every span.
+
+        One buffer per batch instead of one allocation per read; with `reuse_buffer` the same one for
+        every batch (source alone 1.5-2x faster), safe when the pipeline copies what it is fed before the
+        next call, as DALI does in its own thread. Its worker processes do not: they hand a batch to a
+        thread that copies it to shared memory while the next batch is read, so they get a new buffer.
+        """
+        total = sum(int(length) for _, spans, _ in clips for _, length in spans)
+        if not self.reuse_buffer or len(self._buffer) < total:
+            self._buffer = np.empty(int(total * 1.25), np.uint8)
+        outputs, at = [], 0
+        for sample, spans, pieces in clips:
+            starts = []
+            for begin, length in spans:
+                self.files.pread_into(sample.tar, sample.key, begin, self._buffer[at:at + length])
+                starts.append(at)
+                at += length
+            outputs += [self._buffer[starts[span] + offset:starts[span] + offset + size]
+                        for span, offset, size in pieces]
+        return outputs
+
+    def __getstate__(self):  # the buffer does not travel
+        return {**self.__dict__, "_buffer": np.empty(0, np.uint8)}
 
     def _params(self, plan, rows: slice) -> list[np.ndarray]:
         """Per view: roi_start (B, 2), roi_end (B, 2), mirror (B,), [gray (B,)], [RandAugment draws (B, 3, n)]."""
@@ -102,3 +110,26 @@ class ClipSource:
             if self.randaugment:
                 outputs.append(np.ascontiguousarray(plan.ra[rows, view]))
         return outputs
+
+
+def _frame_spans(ranges: np.ndarray) -> tuple[list, list]:
+    """Byte spans covering the frames of (F, 2) [offset, size] `ranges`, adjacent ones coalesced.
+
+    Returns spans [(begin, length)] and, in frame order (repeats included), pieces [(span, offset in
+    span, size)]. A clip's 40 frames lie in 8 runs of 5 adjacent tar members: ~8 spans.
+    """
+    ranges = ranges.astype(np.int64)
+    order = np.argsort(ranges[:, 0], kind="stable")
+    spans, pieces = [], [None] * len(ranges)
+    i = 0
+    while i < len(order):
+        j, begin = i, ranges[order[i], 0]
+        end = begin + ranges[order[i], 1]
+        while j + 1 < len(order) and ranges[order[j + 1], 0] <= end + MERGE_GAP:
+            j += 1
+            end = max(end, ranges[order[j], 0] + ranges[order[j], 1])
+        for k in order[i:j + 1]:
+            pieces[k] = (len(spans), int(ranges[k, 0] - begin), int(ranges[k, 1]))
+        spans.append((int(begin), int(end - begin)))
+        i = j + 1
+    return spans, pieces

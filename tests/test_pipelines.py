@@ -15,6 +15,7 @@ from PIL import Image
 
 import pipelines
 from pipelines import augment, sampling
+from pipelines import plan as plan_module
 from pipelines.augment import CLIP_MEAN, CLIP_STD
 from shards.encode import EncodedSample
 from shards.manifest import Manifest, write_json_atomic
@@ -227,6 +228,17 @@ def test_one_pipeline_streams_consecutive_epochs(frame_shards):
     for got, want in zip(second, list(fresh)):
         assert got["key"] == want["key"] and torch.equal(got["clips"], want["clips"])
     assert [b["key"] for b in first] != [b["key"] for b in second]
+
+
+def test_planner_keeps_the_epochs_last_asked_for(frame_shards, monkeypatch):
+    planner = pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=6, num_threads=1, **SIZE)._current_planner()
+    made, make_plan = [], plan_module.make_plan
+    monkeypatch.setattr(plan_module, "make_plan", lambda *a, **k: made.append(k["epoch"]) or make_plan(*a, **k))
+    for epoch in [5, 0, 0, 5]:  # going back to an earlier epoch (a benchmark, a re-run) keeps it cached
+        planner(epoch)
+        for thread in list(planner._pending.values()):  # epoch + 1, made in the background
+            thread.join()
+    assert made.count(0) == 1 and made.count(5) == 1
 
 
 def test_video_layout_decodes_the_expected_frames(tmp_path):

@@ -287,14 +287,14 @@ def source_rate(data: "pipelines.Loader", seconds: float = 3.0) -> tuple[float, 
 
     source = ClipSource(data._current_planner(), data.mode, grayscale=True)
     calls = 0
-    pread = source.files.pread
+    pread = source.files.pread_into
 
     def counted(*a):
         nonlocal calls
         calls += 1
         return pread(*a)
 
-    source.files.pread = counted
+    source.files.pread_into = counted
     source(SimpleNamespace(iteration=0))  # plan made, files opened
     calls, clips, iteration, start = 0, 0, 1, time.perf_counter()
     while time.perf_counter() - start < seconds:

@@ -16,6 +16,7 @@ from PIL import Image
 import pipelines
 from pipelines import augment, sampling
 from pipelines import plan as plan_module
+from pipelines import source as source_module
 from pipelines.augment import CLIP_MEAN, CLIP_STD
 from shards.encode import EncodedSample
 from shards.manifest import Manifest, write_json_atomic
@@ -228,6 +229,15 @@ def test_one_pipeline_streams_consecutive_epochs(frame_shards):
     for got, want in zip(second, list(fresh)):
         assert got["key"] == want["key"] and torch.equal(got["clips"], want["clips"])
     assert [b["key"] for b in first] != [b["key"] for b in second]
+
+
+def test_frame_spans_merge_adjacent_members_and_keep_frame_order():
+    ranges = np.array([[512 + 1536 * i, 1000] for i in range(30)])  # 1000-byte members, 536 bytes apart
+    frames = np.array([0, 0, 1, 2, 3, 12, 11, 10, 12, 29])  # clamped repeats, not sorted
+    spans, pieces = source_module._frame_spans(ranges[frames])
+    assert spans == [(512, 3 * 1536 + 1000), (512 + 10 * 1536, 2 * 1536 + 1000), (512 + 29 * 1536, 1000)]
+    for frame, (span, offset, size) in zip(frames, pieces):  # each piece is its frame's bytes, in frame order
+        assert (spans[span][0] + offset, size) == tuple(ranges[frame])
 
 
 def test_planner_keeps_the_epochs_last_asked_for(frame_shards, monkeypatch):

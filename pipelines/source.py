@@ -104,12 +104,12 @@ class ClipSource:
         outputs = []
         for view in range(self.num_views):
             roi = plan.roi[rows, view]
-            outputs += [np.ascontiguousarray(roi[:, :2]), np.ascontiguousarray(roi[:, 2:]), plan.mirror[rows, view]]
+            outputs += [roi[:, :2], roi[:, 2:], plan.mirror[rows, view]]
             if self.grayscale:
                 outputs.append(plan.gray[rows, view])
             if self.randaugment:
-                outputs.append(np.ascontiguousarray(plan.ra[rows, view]))
-        return outputs
+                outputs.append(plan.ra[rows, view])
+        return [np.ascontiguousarray(column) for column in outputs]  # slices of (R, O, ...) plan arrays
 
 
 def _frame_spans(ranges: np.ndarray) -> tuple[list, list]:

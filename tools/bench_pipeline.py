@@ -405,7 +405,7 @@ def main(argv=None) -> None:
     rate, preads = source_rate(data)
     print(f"external source alone (one Python thread, page cache warm): {rate:.0f} clips/s, "
           f"{preads:.1f} preads per clip", flush=True)
-    for workers in sorted({0, args.threads}):
+    for workers in sorted({0, args.py_workers or min(4, args.threads)}):  # 4: the loader's CUDA default
         print(f"external source feeding DALI, no decode, {workers} reader processes: "
               f"{feed_rate(data, workers, args.threads):.0f} clips/s", flush=True)
     report(rows, cost, needed, args)

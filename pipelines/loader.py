@@ -194,6 +194,10 @@ class Loader:
         """Release the DALI pipeline (its prefetched batches, GPU buffers, reader processes) now; the
         next iteration builds a new one. E.g. for a validation loader between evaluations."""
         self._close_pipe()
+        if self.device.type == "cuda":  # a dropped pipeline's device memory goes back to DALI's pool, not to CUDA
+            from nvidia.dali.backend import ReleaseUnusedMemory
+
+            ReleaseUnusedMemory()
 
     def _close_pipe(self) -> None:
         self._pipe, self._pipe_planner, self._pipe_next = None, None, -1

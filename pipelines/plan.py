@@ -214,7 +214,7 @@ class Planner:
                 return
             thread = self._pending[epoch] = threading.Thread(target=self._background, args=(epoch,), daemon=True,
                                                              name=f"plan-epoch-{epoch}")
-        thread.start()
+            thread.start()  # under the lock: another caller may join it as soon as it is pending
 
     def _background(self, epoch: int) -> None:
         try:

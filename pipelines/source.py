@@ -34,7 +34,7 @@ class ClipSource:
     """Per-batch callback for `fn.external_source(batch=True, batch_info=True)`, from global batch `start` on."""
 
     def __init__(self, planner: Planner, mode: str, start: int = 0, *, grayscale: bool = False,
-                 randaugment: bool = False, reuse_buffer: bool = True):
+                 randaugment: bool = False, reuse_buffer: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.planner, self.mode, self.start = planner, mode, start
@@ -43,7 +43,7 @@ class ClipSource:
         self.frames_per_video = planner.spec.frames_per_video
         self.num_views = planner.spec.num_views
         self.files = ShardFiles()
-        self.reuse_buffer = reuse_buffer  # False for DALI's worker processes (see _read)
+        self.reuse_buffer = reuse_buffer  # only where DALI copies at feed: not with its worker processes (see _read)
         self._buffer = np.empty(0, np.uint8)
 
     @property

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipelines  # noqa: E402
 from pipelines import augment, sampling  # noqa: E402
+from pipelines.loader import GPU_PY_WORKERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -258,7 +259,7 @@ def stage_cost(data: "pipelines.Loader", args) -> dict[str, tuple[float, float]]
     decode_device = "mixed" if cuda else "cpu"
     cost = {}
     for stage in ("decode", "crop+resize", "all"):
-        source = ClipSource(planner, "frame", grayscale=True)
+        source = ClipSource(planner, "frame", grayscale=True, reuse_buffer=True)
         if stage == "all":
             pipe = train_pipeline(source, image_size=args.image_size, decode_device=decode_device,
                                   dtype=_dali_float(), **common)
@@ -285,7 +286,7 @@ def source_rate(data: "pipelines.Loader", seconds: float = 3.0) -> tuple[float, 
 
     from pipelines.source import ClipSource
 
-    source = ClipSource(data._current_planner(), data.mode, grayscale=True)
+    source = ClipSource(data._current_planner(), data.mode, grayscale=True, reuse_buffer=True)
     calls = 0
     pread = source.files.pread_into
 
@@ -405,7 +406,7 @@ def main(argv=None) -> None:
     rate, preads = source_rate(data)
     print(f"external source alone (one Python thread, page cache warm): {rate:.0f} clips/s, "
           f"{preads:.1f} preads per clip", flush=True)
-    for workers in sorted({0, args.py_workers or min(4, args.threads)}):  # 4: the loader's CUDA default
+    for workers in sorted({0, GPU_PY_WORKERS if args.py_workers is None else args.py_workers}):
         print(f"external source feeding DALI, no decode, {workers} reader processes: "
               f"{feed_rate(data, workers, args.threads):.0f} clips/s", flush=True)
     report(rows, cost, needed, args)

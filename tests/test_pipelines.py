@@ -6,6 +6,7 @@ normalized frame still says which frame it was.
 
 import io
 import json
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -374,6 +375,9 @@ def test_reader_worker_processes_give_the_same_batches_over_epochs(frame_shards)
         assert x["key"] == y["key"] and torch.equal(x["clips"], y["clips"])
     shared = workers._shared.path  # the byte ranges the workers mapped
     assert Path(shared).exists()
+    assert multiprocessing.active_children()
+    workers.close()  # what the trainer does with its validation loader between evaluations
+    assert not multiprocessing.active_children()
     del workers, b
     import gc
 

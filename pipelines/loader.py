@@ -206,7 +206,7 @@ class Loader:
         """A pipeline streaming this rank's batches from global batch `start` (= epoch * len + batch) on."""
         spec = self.spec
         source = ClipSource(planner, self.mode, start, grayscale=spec.train and spec.grayscale_prob > 0,
-                            randaugment=spec.randaugment is not None, reuse_buffer=self.py_workers == 0)
+                            randaugment=spec.randaugment is not None)
         cuda = self.device.type == "cuda"
         frames = spec.frames_per_video if self.mode == "frame" else 1
         decoder_options = {}

@@ -15,11 +15,13 @@ reader processes that lifted the host-side feed rate from ~300 to ~680 clips/s o
 
 Reads: a clip's 40 frames come in 8 windows of 5 consecutive frames, whose JPEG members are
 adjacent in the tar; byte ranges closer than MERGE_GAP are read with one pread and sliced without
-a copy, so a clip costs ~8 preads instead of 40. All reads of a batch land in one buffer that the
-source reuses (DALI copies what it is fed), so reading allocates nothing.
+a copy, so a clip costs ~8 preads instead of 40. All reads of a batch land in one buffer, which
+the process that made the source reuses from batch to batch (see ClipSource._read).
 The callable is picklable (no open files; the Planner ships without its plans) so DALI can run it
 in worker processes.
 """
+
+import os
 
 import numpy as np
 
@@ -34,7 +36,7 @@ class ClipSource:
     """Per-batch callback for `fn.external_source(batch=True, batch_info=True)`, from global batch `start` on."""
 
     def __init__(self, planner: Planner, mode: str, start: int = 0, *, grayscale: bool = False,
-                 randaugment: bool = False, reuse_buffer: bool = False):
+                 randaugment: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.planner, self.mode, self.start = planner, mode, start
@@ -43,7 +45,7 @@ class ClipSource:
         self.frames_per_video = planner.spec.frames_per_video
         self.num_views = planner.spec.num_views
         self.files = ShardFiles()
-        self.reuse_buffer = reuse_buffer  # only where DALI copies at feed: not with its worker processes (see _read)
+        self._owner = os.getpid()  # the process whose buffer may be reused (see _read)
         self._buffer = np.empty(0, np.uint8)
 
     @property
@@ -77,13 +79,14 @@ class ClipSource:
     def _read(self, clips: list) -> list[np.ndarray]:
         """The pieces of each (sample, spans, pieces) clip, in order, as views of one buffer holding every span.
 
-        One buffer per batch instead of one allocation per read; with `reuse_buffer` the same one for
-        every batch (source alone 1.5-2x faster), safe when the pipeline copies what it is fed before the
-        next call, as DALI does in its own thread. Its worker processes do not: they hand a batch to a
-        thread that copies it to shared memory while the next batch is read, so they get a new buffer.
+        One buffer per batch instead of one allocation per read; in the process that made the source, the
+        same one for every batch (source alone 1.5-2x faster): there DALI calls the source from its own
+        thread and copies what it is fed before the next call. Its worker processes (a parallel external
+        source) do not: they hand a batch to a thread that copies it to shared memory while the next
+        batch is read, so there each batch gets a new buffer.
         """
         total = sum(int(length) for _, spans, _ in clips for _, length in spans)
-        if not self.reuse_buffer or len(self._buffer) < total:
+        if os.getpid() != self._owner or len(self._buffer) < total:
             self._buffer = np.empty(int(total * 1.25), np.uint8)
         outputs, at = [], 0
         for sample, spans, pieces in clips:

@@ -259,7 +259,7 @@ def stage_cost(data: "pipelines.Loader", args) -> dict[str, tuple[float, float]]
     decode_device = "mixed" if cuda else "cpu"
     cost = {}
     for stage in ("decode", "crop+resize", "all"):
-        source = ClipSource(planner, "frame", grayscale=True, reuse_buffer=True)
+        source = ClipSource(planner, "frame", grayscale=True)
         if stage == "all":
             pipe = train_pipeline(source, image_size=args.image_size, decode_device=decode_device,
                                   dtype=_dali_float(), **common)
@@ -286,7 +286,7 @@ def source_rate(data: "pipelines.Loader", seconds: float = 3.0) -> tuple[float, 
 
     from pipelines.source import ClipSource
 
-    source = ClipSource(data._current_planner(), data.mode, grayscale=True, reuse_buffer=True)
+    source = ClipSource(data._current_planner(), data.mode, grayscale=True)
     calls = 0
     pread = source.files.pread_into
 
@@ -314,7 +314,7 @@ def feed_rate(data: "pipelines.Loader", py_workers: int, threads: int, seconds: 
 
     from pipelines.source import ClipSource
 
-    source = ClipSource(data._current_planner(), data.mode, grayscale=True, reuse_buffer=py_workers == 0)
+    source = ClipSource(data._current_planner(), data.mode, grayscale=True)
     parallel = {"parallel": True, "prefetch_queue_depth": py_workers + 1} if py_workers else {}
 
     @pipeline_def(batch_size=data.batch_size * data.spec.frames_per_video, num_threads=threads,

@@ -33,6 +33,17 @@ def _alone(encode: Callable[[Source], Result], source: Source) -> Result:
             return Rejection(source=source.path, reason=CRASH_REASON)
 
 
+def _submit(pool: ProcessPoolExecutor, encode: Callable[[Source], Result], source: Source) -> Future:
+    """`pool.submit`, except that a pool a worker broke since the last call gives a failed future: the
+    break is then handled where results are read, like one that happens after submission."""
+    try:
+        return pool.submit(encode, source)
+    except BrokenProcessPool as broken:
+        future: Future = Future()
+        future.set_exception(broken)
+        return future
+
+
 def ordered_results(todo: list[Source], encode: Callable[[Source], Result], workers: int) -> Iterator[Result]:
     """`encode(source)` for every source, in order; in this process when workers is 1 (no crash guard)."""
     if workers <= 1:
@@ -45,7 +56,7 @@ def ordered_results(todo: list[Source], encode: Callable[[Source], Result], work
     try:
         while True:
             while len(pending) < window and (source := next(upcoming, None)) is not None:
-                pending.append((source, pool.submit(encode, source)))
+                pending.append((source, _submit(pool, encode, source)))
             if not pending:
                 return
             source, future = pending.popleft()

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 
 import av
@@ -324,6 +325,20 @@ def test_worker_crash_rejects_that_input_and_goes_on():
     sources = [Source(key=f"k{i}", path=p, label=i) for i, p in enumerate(["a.mp4", "b.mp4", "bikes.mp4", "c.mp4",
                                                                              "d.mp4", "e.mp4", "f.mp4"])]
     results = list(ordered_results(sources, _crash_on_bikes, workers=2))
+    assert [r.source for r in results] == [s.path for s in sources]
+    assert results[2].reason == CRASH_REASON
+    assert [r.reason for i, r in enumerate(results) if i != 2] == [f"ok {i}" for i in (0, 1, 3, 4, 5, 6)]
+
+
+def test_worker_crash_before_the_next_submission_is_handled_too():
+    """A slow consumer: the pool breaks while the caller holds the first result, so the next input is
+    submitted to a broken pool (which raises at submit, not in the future)."""
+    sources = [Source(key=f"k{i}", path=p, label=i) for i, p in enumerate(["a.mp4", "b.mp4", "bikes.mp4", "c.mp4",
+                                                                             "d.mp4", "e.mp4", "f.mp4"])]
+    results = ordered_results(sources, _crash_on_bikes, workers=2)
+    first = next(results)
+    time.sleep(1.0)  # the worker that takes bikes.mp4 dies meanwhile
+    results = [first, *results]
     assert [r.source for r in results] == [s.path for s in sources]
     assert results[2].reason == CRASH_REASON
     assert [r.reason for i, r in enumerate(results) if i != 2] == [f"ok {i}" for i in (0, 1, 3, 4, 5, 6)]

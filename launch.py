@@ -22,7 +22,7 @@ from pipelines.reader import shard_paths
 from shards.manifest import ShardFormatError
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_to_dict, load_config, save_config
-from tdsclip.distributed import World, close_distributed, init_distributed
+from tdsclip.distributed import World, all_gather_objects, close_distributed, init_distributed
 from tdsclip.metrics import MetricsLogger, device_peak_tflops, train_flops_per_clip
 from tdsclip.optim import WarmupCosineSchedule, build_optimizer
 from tdsclip.train import NonFiniteLossError, Trainer, build_mixup, derive_batch, evaluate, write_results
@@ -156,7 +156,10 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
                               test_crops=crops, test_clips=clips)
     result = evaluate(model, loader, views=crops * clips, num_classes=model.config.num_classes,
                       device=world.device, precision=precision, keep_predictions=True)
-    result.update(weights=str(args.weights), test_crops=crops, test_clips=clips)
+    skipped = sorted(key for keys in all_gather_objects(loader.skipped) for key in keys)
+    result.update(weights=str(args.weights), test_crops=crops, test_clips=clips, skipped=skipped)
+    if skipped:
+        log.info(f"skipped {len(skipped)} unreadable sample(s) (data.on_error: skip), not counted: {', '.join(skipped)}")
     path = Path(config.output_dir) / "test_results.json"
     if world.is_main:
         save_config(config, Path(config.output_dir) / "test_config.yaml")

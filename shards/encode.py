@@ -37,7 +37,7 @@ class EncodeOptions:
     crf: int = 32  # VP9 constant quality, layout video
     gop: int = 32  # VP9 keyframe interval, layout video
     speed: int = 6  # libvpx cpu-used, layout video
-    deadline: str = "good"  # libvpx deadline, layout video: "realtime" encodes ~8x faster, ~40% larger
+    deadline: str = "good"  # libvpx deadline, layout video: "realtime" encodes ~6x faster, ~40% larger
     folder_fps: float = DEFAULT_FPS  # frame folders carry no frame rate
     image_tmpl: str = IMAGE_TMPL
 

@@ -25,7 +25,7 @@ from tdsclip.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdsclip.distributed import World, all_gather_objects, all_reduce_sum
 from tdsclip.metrics import MetricsLogger, StepTimer, host_rss_bytes, peak_device_memory_bytes
 from tdsclip.optim import WarmupCosineSchedule
-from tdsclip.weights import model_checkpoint
+from tdsclip.weights import CheckpointError, model_checkpoint
 
 GIB = 2**30
 
@@ -72,7 +72,7 @@ class Trainer:
     eval_model: nn.Module  # what validation calls: the model, compiled or not (no DDP needed)
     optimizer: torch.optim.Optimizer
     schedule: WarmupCosineSchedule
-    train_loader: Any
+    train_loader: Any  # resumable (set_epoch, state_dict, load_state_dict); .skipped: unreadable samples left out
     val_loader: Any | None  # iterable of one epoch's batches per pass, with close() to release it in between
     checkpointer: Checkpointer
     metrics: MetricsLogger
@@ -94,6 +94,7 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     history: list[dict] = field(default_factory=list)  # per optimizer step: step, loss
     val_history: list[dict] = field(default_factory=list)  # per validation: epoch, top1, top5
+    reported_skips: set[str] = field(default_factory=set)  # "shard:key" already named in the log
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -128,8 +129,9 @@ class Trainer:
             self.train_loader.load_state_dict(checkpoint["data"][self.world.rank])
         else:
             if self.state.batch_in_epoch:
-                raise ValueError(f"the checkpoint was written mid-epoch by {checkpoint['world_size']} "
-                                 f"processes; resume it with the same number (now {self.world.world_size})")
+                raise CheckpointError(f"the checkpoint was written mid-epoch by {checkpoint['world_size']} "
+                                      f"processes and this run has {self.world.world_size}: resume with the same "
+                                      f"command and process count (torchrun --nproc_per_node=... --nnodes=...)")
             self.metrics.info(f"note: world size changed ({checkpoint['world_size']} -> "
                               f"{self.world.world_size}); random streams restart from the seed")
 
@@ -154,13 +156,26 @@ class Trainer:
                 self.val_loader.close()  # its prefetched batches and decode buffers are not needed until next time
                 self.metrics.log(self.state.step, {"val/top1": result["top1"], "val/top5": result["top5"]})
                 self.val_history.append({"epoch": epoch + 1, "top1": result["top1"], "top5": result["top5"]})
-                is_best = result["top1"] >= self.state.best_top1
+                is_best = result["top1"] > self.state.best_top1  # ties keep the earlier epoch
                 if is_best:
                     self.state.best_top1, self.state.best_epoch = result["top1"], epoch
                 self.metrics.info(f"epoch {epoch + 1}/{self.epochs}: val top-1 {result['top1']:.2f}% "
                                   f"top-5 {result['top5']:.2f}% (best {self.state.best_top1:.2f}% "
                                   f"at epoch {self.state.best_epoch + 1})")
+            self._report_skipped()
             self._save(best=is_best and self.save_best)
+
+    def _report_skipped(self) -> None:
+        """Name, once each, the samples any rank's loaders left out after a read error (data.on_error: skip)."""
+        loaders = [self.train_loader] + ([self.val_loader] if self.val_loader is not None else [])
+        mine = [key for loader in loaders for key in loader.skipped]
+        skipped = sorted({key for keys in all_gather_objects(mine) for key in keys})  # every rank: collective
+        new = [key for key in skipped if key not in self.reported_skips]
+        if new:
+            self.reported_skips.update(new)
+            self.metrics.info(f"skipped {len(new)} unreadable sample(s) (data.on_error: skip; "
+                              f"{len(skipped)} so far): {', '.join(new)}")
+            self.metrics.log(self.state.step, {"data/skipped": len(skipped)})
 
     def _validates(self, epoch: int) -> bool:
         last = epoch + 1 == self.epochs

@@ -101,6 +101,10 @@ class CrashingLoader:
     def set_epoch(self, epoch):
         self.inner.set_epoch(epoch)
 
+    @property
+    def skipped(self):
+        return self.inner.skipped
+
     def state_dict(self):
         return self.inner.state_dict()
 

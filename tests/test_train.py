@@ -55,6 +55,7 @@ class FakeLoader:
         self.epoch, self.position = 0, 0
         self.crash_at, self.nan_from_epoch = crash_at, nan_from_epoch
         self.closed = 0
+        self.skipped = []
 
     def __len__(self):
         return self.num_batches
@@ -157,6 +158,15 @@ def test_load_last_names_a_damaged_or_foreign_file(tmp_path):
     torch.save({"model": {}}, tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match="not a resumable tdsclip training checkpoint"):
         checkpointer.load_last()
+
+
+def test_skipped_samples_are_named_once(tmp_path, capsys):
+    trainer = make_trainer(tmp_path, epochs=3)
+    trainer.train_loader.skipped = ["train-000000.tar:bad_video"]
+    trainer.fit()
+    out = capsys.readouterr().out
+    assert out.count("train-000000.tar:bad_video") == 1
+    assert "skipped 1 unreadable sample(s)" in out
 
 
 def test_checkpoint_holds_contract_keys_and_best(tmp_path):

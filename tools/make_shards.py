@@ -58,13 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"resize so the short side is this many pixels, 0 keeps the size (default "
                         f"{defaults.short_side}; frame-folder JPEGs in layout frames are stored as they are)")
     p.add_argument("--quality", type=int, default=defaults.quality, help="JPEG quality, layout frames")
-    p.add_argument("--codec", choices=["vp9", "libvpx-vp9"], default="vp9",
-                   help="video codec, layout video (VP9: the one codec both DALI backends decode)")
     p.add_argument("--crf", type=int, default=defaults.crf, help="VP9 constant quality 0-63, layout video")
     p.add_argument("--gop", type=int, default=defaults.gop, help="VP9 keyframe interval, layout video")
     p.add_argument("--speed", type=int, default=defaults.speed, help="libvpx cpu-used 0-8, layout video")
     p.add_argument("--deadline", choices=["good", "realtime"], default=defaults.deadline,
-                   help="libvpx deadline, layout video: realtime encodes ~8x faster into ~40%% more bytes")
+                   help="libvpx deadline, layout video: realtime encodes ~6x faster into ~40%% more bytes")
     p.add_argument("--image-tmpl", default=defaults.image_tmpl, help="frame file names in frame folders, from 1")
     p.add_argument("--fps", type=float, default=defaults.folder_fps, help="frame rate recorded for frame folders")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="target shard size (1GB)")

@@ -14,10 +14,10 @@ from pipelines.reader import ShardFiles, ShardReadError, SharedRanges, check_sam
 from pipelines.source import ClipSource
 
 ON_ERROR = ("raise", "skip")
-# Reader processes on CUDA (py_workers=None). The source made ~1,100 clips/s in one process on
-# our 2-core CPU (456x256 JPEG frames, 43 KB each, page cache warm; docs/pipelines.md, GPU notes):
-# 4 processes give 400 clips/s a wide margin, overlap reads that miss the page cache, and keep the
-# training loop's thread free. They share the byte-range index through one mapped file.
+# Reader processes on CUDA (py_workers=None). One process feeds well over 400 clips/s on a 2-core
+# CPU (docs/benchmarks.md, "Host-side feed"): 4 give the target a wide margin, overlap reads that
+# miss the page cache, and keep the training loop's thread free. They share the byte-range index
+# through one mapped file.
 GPU_PY_WORKERS = 4
 
 

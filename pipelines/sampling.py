@@ -45,7 +45,8 @@ def test_centres(num_frames: int, num_segments: int, num_clips: int) -> np.ndarr
 def window(centres: np.ndarray, num_frames: int, length: int = FRAMES_PER_SEGMENT) -> np.ndarray:
     """Frames clamp(centre - length//2 + j, 0, n-1) for j < length; shape centres.shape + (length,).
 
-    The official video path wraps negative indices to the video's end; we clamp (see issue 4).
+    The official video path wraps negative indices to the video's end; we clamp, so a window never
+    mixes the clip's start with its end.
     """
     offsets = np.arange(length) - length // 2
     return np.clip(np.asarray(centres)[..., None] + offsets, 0, num_frames - 1)

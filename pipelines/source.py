@@ -10,8 +10,8 @@ rebuild, and its prefetch queue runs across epoch boundaries. Two modes (pipelin
 params are, for each of the O views: roi_start (y0, x0), roi_end (y1, x1), mirror, then gray (bool)
 when the graph converts to grayscale, then the RandAugment draws ((3, n) int32) when it augments.
 Each param output is one dense array over the batch, not a list of per-sample arrays: DALI (and,
-with reader processes, the shared-memory hand-over) then pays per batch, not per frame; with 2
-reader processes that lifted the host-side feed rate from ~300 to ~680 clips/s on a 2-core VM.
+with reader processes, the shared-memory hand-over) then pays per batch, not per frame, which made
+the host-side feed 2-3x faster (docs/benchmarks.md, "Host-side feed").
 
 Reads: a clip's 40 frames come in 8 windows of 5 consecutive frames, whose JPEG members are
 adjacent in the tar; byte ranges closer than MERGE_GAP are read with one pread and sliced without

@@ -154,13 +154,16 @@ def check_sample(files: ShardFiles, sample: Sample, frames: np.ndarray) -> None:
 
     Only used after DALI reported a failure, to find which sample of the batch was bad.
     """
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         if sample.layout == "frames":
             for frame in np.unique(frames):
                 offset, size = sample.ranges[frame]
-                Image.open(io.BytesIO(files.pread(sample.tar, sample.key, offset, size).tobytes())).load()
+                try:
+                    Image.open(io.BytesIO(files.pread(sample.tar, sample.key, offset, size).tobytes())).load()
+                except UnidentifiedImageError:
+                    raise ValueError(f"frame {int(frame)} ({int(size)} bytes) is not an image") from None
         else:
             import av
 

@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from pipelines.plan import Planner
-from pipelines.reader import ShardFiles
+from pipelines.reader import ShardFiles, ShardReadError
 
 MODES = ("frame", "video")
 MERGE_GAP = 4096  # bytes: a tar header (512) plus padding (< 512) between adjacent frames, with room
@@ -71,6 +71,7 @@ class ClipSource:
         if self.mode == "frame":
             clips = [(samples[plan.sample[row]], plan.frames[row]) for row in range(rows.start, rows.stop)]
             jpegs = self._read([(sample, *_frame_spans(sample.ranges[frames])) for sample, frames in clips])
+            _check_jpeg_starts(jpegs, clips)
             return [jpegs] + [np.repeat(column, self.frames_per_video, axis=0) for column in params]
         webms = self._read([(sample, [tuple(sample.ranges[0])], [(0, 0, sample.ranges[0][1])])
                             for sample in (samples[i] for i in plan.sample[rows])])
@@ -113,6 +114,20 @@ class ClipSource:
             if self.randaugment:
                 outputs.append(plan.ra[rows, view])
         return [np.ascontiguousarray(column) for column in outputs]  # slices of (R, O, ...) plan arrays
+
+
+def _check_jpeg_starts(jpegs: list[np.ndarray], clips: list) -> None:
+    """Raise ShardReadError unless every frame starts with a JPEG start-of-image marker (FF D8).
+
+    DALI 2.4's CPU image decoder can crash the process (a segfault, not an error) on a buffer that is
+    not an image at all when a batch holds more than ~60 images, i.e. always at 8 segments; a damaged
+    frame must therefore be stopped here. The loader then names the sample, or skips it.
+    """
+    for i, jpeg in enumerate(jpegs):
+        if len(jpeg) < 2 or jpeg[0] != 0xFF or jpeg[1] != 0xD8:
+            sample, frames = clips[i // len(clips[0][1])]
+            raise ShardReadError(f"{sample.tar}: sample {sample.key!r}: frame {int(frames[i % len(frames)])} "
+                                 f"is not a JPEG (no start-of-image marker)")
 
 
 def _frame_spans(ranges: np.ndarray) -> tuple[list, list]:

@@ -340,14 +340,18 @@ def broken_shards(tmp_path):
     return tmp_path
 
 
-def test_decode_error_names_shard_and_key(broken_shards):
-    data = pipelines.loader(broken_shards, "test", 2, num_segments=2, num_threads=1, **SIZE)
+# 8 segments: 80 images per DALI batch, where DALI 2.4's CPU decoder can crash on a non-image
+@pytest.mark.parametrize("num_segments", [2, 8])
+def test_decode_error_names_shard_and_key(broken_shards, num_segments):
+    data = pipelines.loader(broken_shards, "test", 2, num_segments=num_segments, num_threads=1, **SIZE)
     with pytest.raises(pipelines.ShardReadError, match=r"test-000000\.tar: sample 'v002'"):
         list(data)
 
 
-def test_decode_error_skip_counts_and_marks_invalid(broken_shards):
-    data = pipelines.loader(broken_shards, "test", 2, num_segments=2, num_threads=1, on_error="skip", **SIZE)
+@pytest.mark.parametrize("num_segments", [2, 8])
+def test_decode_error_skip_counts_and_marks_invalid(broken_shards, num_segments):
+    data = pipelines.loader(broken_shards, "test", 2, num_segments=num_segments, num_threads=1, on_error="skip",
+                            **SIZE)
     batches = list(data)
     assert [s.rsplit(":", 1)[1] for s in data.skipped] == ["v002"]
     valid = [k for b in batches for k, ok in zip(b["key"], b["valid"].tolist()) if ok]

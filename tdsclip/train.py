@@ -150,6 +150,7 @@ class Trainer:
             self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
             is_best = False
             if self.val_loader is not None and self._validates(epoch):
+                self._save()  # the epoch's training survives a validation that fails (bad shard, OOM)
                 result = evaluate(self.eval_model, self.val_loader, views=1,
                                   num_classes=self.model.config.num_classes,
                                   device=self.world.device, precision=self.precision)

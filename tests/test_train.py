@@ -160,6 +160,16 @@ def test_load_last_names_a_damaged_or_foreign_file(tmp_path):
         checkpointer.load_last()
 
 
+def test_a_failing_validation_keeps_the_trained_epoch(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=2)
+    trainer.val_loader = FakeLoader(num_batches=2, crash_at=(0, 1))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    last = trainer.checkpointer.load_last()
+    assert (last["epoch"], last["batch_in_epoch"], last["step"]) == (1, 0, 3)
+    assert not (tmp_path / "best.pt").exists()
+
+
 def test_skipped_samples_are_named_once(tmp_path, capsys):
     trainer = make_trainer(tmp_path, epochs=3)
     trainer.train_loader.skipped = ["train-000000.tar:bad_video"]

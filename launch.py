@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import pipelines
 import tdsclip
+from pipelines.augment import parse_randaugment
 from pipelines.reader import shard_paths
 from shards.manifest import ShardFormatError
 from tdsclip.checkpoint import Checkpointer
@@ -37,9 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", help="checkpoint to test (this project's or an official TDS-CLIP one)")
     parser.add_argument("--test-crops", type=int, choices=(1, 3, 5, 10), help="spatial crops per clip")
     parser.add_argument("--test-clips", type=int, help="temporal clips per video")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
     if args.test and not args.weights:
         parser.error("--test needs --weights PATH")
+    if args.weights and not args.test:
+        parser.error("--weights is for --test; to continue a training run use --resume")
+    if args.test_clips is not None and args.test_clips < 1:
+        parser.error(f"--test-clips must be >= 1, got {args.test_clips}")
     return args
 
 
@@ -58,7 +63,26 @@ def build_loaders(config: RunConfig, world: World, model_config, batch_size: int
                              num_sample=data.num_sample, flip=data.flip, flip_label_map=data.flip_label_map,
                              grayscale_prob=data.grayscale_prob, randaugment=data.randaugment)
     val = pipelines.loader(shard_paths(data.shards, data.val_split), "val", data.eval_batch_size, segments, **options)
+    check_labels(train, data.train_split, config, model_config.num_classes)
+    check_labels(val, data.val_split, config, model_config.num_classes)
     return train, val
+
+
+def check_pipeline_options(config: RunConfig) -> None:
+    """Options that only the pipelines can parse, checked before anything is built."""
+    if config.data.randaugment:
+        try:
+            parse_randaugment(config.data.randaugment)
+        except ValueError as error:
+            raise ConfigError(f"data.randaugment: {error}") from None
+
+
+def check_labels(loader, split: str, config: RunConfig, num_classes: int) -> None:
+    """Every label of the split must be a class of the model (a mismatch otherwise fails in the loss)."""
+    top = max(sample.label for sample in loader.samples)
+    if top >= num_classes:
+        raise ConfigError(f"model.num_classes is {num_classes}, but split {split!r} of {config.data.shards} has "
+                          f"label {top}: set model.num_classes to the shards' number of classes")
 
 
 def resolve_precision(config: RunConfig, world: World) -> str:
@@ -121,12 +145,42 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
     )
 
 
+# Keys a resumed run may change: where data and outputs live, how the run reports, checkpoints and
+# validates, and its length (the cosine then runs on to the new last epoch).
+RESUME_MAY_CHANGE = ("output_dir", "compile", "data.shards", "data.num_threads", "data.on_error", "data.eval_batch_size",
+                     "logging.", "checkpoint.", "eval.", "schedule.epochs")
+
+
+def check_resume_config(saved: dict, current: dict, path: Path) -> list[str]:
+    """Refuse to resume with a config that changes the run (model, data, optimizer, schedule, seed);
+    return the allowed changes, "key: old -> new"."""
+    def flat(node: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in node.items():
+            if isinstance(value, dict) and key != "flip_label_map":
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[prefix + key] = value
+        return items
+
+    old, new = flat(saved), flat(current)
+    changed = [key for key in sorted(old.keys() & new.keys()) if old[key] != new[key]]
+    refused = [f"{key}: {old[key]!r} -> {new[key]!r}" for key in changed if not key.startswith(RESUME_MAY_CHANGE)]
+    if refused:
+        raise ConfigError(f"--resume: the config differs from the one {path} was trained with: {'; '.join(refused)}. "
+                          f"Resume with the same settings, or start a new run with output_dir=...")
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in changed]
+
+
 def train(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
     trainer = build_trainer(config, world, log)
     checkpointer = trainer.checkpointer
     checkpoint = checkpointer.load_last() if args.resume else None
     if checkpoint is not None:
+        changes = check_resume_config(checkpoint["config"], config_to_dict(config), checkpointer.last_path)
         trainer.restore(checkpoint)
+        if changes:
+            log.info(f"resumed with config changes: {'; '.join(changes)}")
         log.info(f"resuming from {checkpointer.last_path} (epoch {checkpoint['epoch'] + 1}, "
                  f"step {checkpoint['step']}, batch {checkpoint['batch_in_epoch']})")
     elif args.resume:
@@ -154,6 +208,7 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     loader = pipelines.loader(tars, "test", config.data.eval_batch_size, model.config.num_segments,
                               **loader_options(config, world, model.config.image_size),
                               test_crops=crops, test_clips=clips)
+    check_labels(loader, config.data.test_split, config, model.config.num_classes)
     result = evaluate(model, loader, views=crops * clips, num_classes=model.config.num_classes,
                       device=world.device, precision=precision, keep_predictions=True)
     skipped = sorted(key for keys in all_gather_objects(loader.skipped) for key in keys)
@@ -174,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.cfg, args.overrides)
+        check_pipeline_options(config)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
@@ -184,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         progress=config.logging.progress)
     try:
         (test if args.test else train)(config, args, world, log)
-    except (ConfigError, FileNotFoundError, ShardFormatError, tdsclip.CheckpointError, NonFiniteLossError) as error:
+    except (ConfigError, FileNotFoundError, ShardFormatError, pipelines.ShardReadError, tdsclip.CheckpointError,
+            NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)  # the message names the file or key; no traceback needed
         return 1
     finally:

@@ -151,6 +151,9 @@ def read_manifest(directory: str | os.PathLike, split: str, check_files: bool = 
     directory = Path(directory)
     path = directory / fmt.manifest_name(split)
     hint = f"write it with tools/make_shards.py LIST --out {directory} --split {split}"
+    found = sorted(p.name[:-len(fmt.manifest_name(""))] for p in directory.glob(fmt.manifest_name("*")))
+    if found and not path.is_file():
+        hint = f"this directory has the splits {', '.join(found)}; or {hint}"
     data = _load(path, "manifest", fmt.MANIFEST_FORMAT, hint)
     where = str(path)
     if _get(data, "split", str, where) != split:

@@ -53,15 +53,12 @@ class MetricsLogger:
     def __init__(self, log_dir: str | Path, *, rank: int = 0, tensorboard: bool = True,
                  progress: str = "auto"):
         self.enabled = rank == 0
-        self.writer = None
+        self.log_dir, self.tensorboard = Path(log_dir), tensorboard
+        self.writer = None  # made at the first scalar: a run that fails at start leaves no empty event file
         self.progress = None
         self.task = None
         if not self.enabled:
             return
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(log_dir))
         use_rich = progress == "rich" or (progress == "auto" and sys.stdout.isatty())
         if use_rich:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -97,6 +94,10 @@ class MetricsLogger:
         """Record scalars at `step`; in plain mode also print `line`."""
         if not self.enabled:
             return
+        if self.tensorboard and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)

@@ -60,6 +60,32 @@ def test_missing_shards_is_a_clear_error(tmp_path, capsys):
     args = ["--cfg", str(ROOT / "configs/demo.yaml"), f"data.shards={tmp_path}", f"output_dir={tmp_path}/run"]
     assert launch.main(args) == 1
     assert f"error: {tmp_path}/train.manifest.json: manifest not found" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # no empty TensorBoard run left behind
+
+
+def test_misspelled_split_lists_the_splits_there(shards, tmp_path, capsys):
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, tmp_path, "data.val_split=vall")]) == 1
+    assert "vall.manifest.json: manifest not found; this directory has the splits train, val" in capsys.readouterr().err
+
+
+def test_num_classes_below_the_shards_labels_is_a_clear_error(shards, tmp_path, capsys):
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, tmp_path, "model.num_classes=2")]) == 1
+    assert "model.num_classes is 2, but split 'train'" in capsys.readouterr().err
+
+
+def test_bad_randaugment_is_a_config_error(capsys):
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "data.randaugment=rand-x"]) == 2
+    assert "data.randaugment: randaugment 'rand-x': unknown part 'x'" in capsys.readouterr().err
+
+
+def test_arguments(capsys):
+    args = launch.parse_args(["--cfg", "c.yaml", "data.shards=s", "--resume", "optim.lr=0.5"])
+    assert args.resume and args.overrides == ["data.shards=s", "optim.lr=0.5"]  # overrides around the flags
+    for argv, message in ((["--weights", "w.pt"], "--weights is for --test"),
+                          (["--test", "--weights", "w.pt", "--test-clips", "0"], "--test-clips must be >= 1")):
+        with pytest.raises(SystemExit):
+            launch.parse_args(["--cfg", "c.yaml", *argv])
+        assert message in capsys.readouterr().err
 
 
 def test_mixup_needs_an_even_device_batch(shards, tmp_path, capsys):
@@ -84,9 +110,14 @@ def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     with pytest.raises(SystemExit, match="last.pt exists: pass --resume"):
         launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir)])
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *overrides(shards, run_dir)]) == 0
-    assert "resuming from" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "resumed with config changes: schedule.epochs: 1 -> 2" in out
     checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["schedule"]["epochs"] == 2
+
+    changed = overrides(shards, run_dir, "optim.lr=0.5", "seed=4")
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *changed]) == 1
+    assert "optim.lr: 0.002 -> 0.5; seed: 3 -> 4. Resume with the same settings" in capsys.readouterr().err
 
 
 class CrashingLoader:

@@ -147,8 +147,8 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
 
 # Keys a resumed run may change: where data and outputs live, how the run reports, checkpoints and
 # validates, and its length (the cosine then runs on to the new last epoch).
-RESUME_MAY_CHANGE = ("output_dir", "compile", "data.shards", "data.num_threads", "data.on_error", "data.eval_batch_size",
-                     "logging.", "checkpoint.", "eval.", "schedule.epochs")
+RESUME_MAY_CHANGE = ("output_dir", "compile", "data.shards", "data.num_threads", "data.on_error",
+                     "data.eval_batch_size", "logging.", "checkpoint.", "eval.", "schedule.epochs")
 
 
 def check_resume_config(saved: dict, current: dict, path: Path) -> list[str]:
@@ -214,7 +214,8 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     skipped = sorted(key for keys in all_gather_objects(loader.skipped) for key in keys)
     result.update(weights=str(args.weights), test_crops=crops, test_clips=clips, skipped=skipped)
     if skipped:
-        log.info(f"skipped {len(skipped)} unreadable sample(s) (data.on_error: skip), not counted: {', '.join(skipped)}")
+        log.info(f"skipped {len(skipped)} unreadable sample(s) (data.on_error: skip), not counted: "
+                 f"{', '.join(skipped)}")
     path = Path(config.output_dir) / "test_results.json"
     if world.is_main:
         save_config(config, Path(config.output_dir) / "test_config.yaml")

@@ -11,11 +11,12 @@ import os
 import tempfile
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from shards import format as fmt
-from shards.manifest import read_index, read_manifest
+from shards.manifest import ShardFormatError, read_index, read_manifest
 
 
 class ShardReadError(RuntimeError):
@@ -42,7 +43,11 @@ def shard_paths(shards: str | os.PathLike | list, split: str) -> list[str]:
         if not shards:
             raise ValueError("shards: the list of tar paths is empty")
         return [str(p) for p in shards]
-    return [str(p) for p in read_manifest(shards, split).tar_paths()]
+    manifest = read_manifest(shards, split)
+    if not manifest.num_samples:
+        raise ShardFormatError(f"{Path(shards) / fmt.manifest_name(split)}: the {split} split has no samples "
+                               f"({len(manifest.rejected)} inputs were rejected when it was packed)")
+    return [str(p) for p in manifest.tar_paths()]
 
 
 def read_samples(tars: list[str]) -> list[Sample]:

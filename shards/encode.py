@@ -20,7 +20,7 @@ from PIL import Image
 
 from shards import format as fmt
 from shards.manifest import Rejection
-from shards.sources import IMAGE_TMPL, Source
+from shards.sources import IMAGE_TMPL, Source, check_image_tmpl
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 DEFAULT_FPS = 30.0
@@ -58,10 +58,7 @@ class EncodeOptions:
             raise ValueError(f"deadline must be 'good' or 'realtime', got {self.deadline!r}")
         if self.folder_fps <= 0:
             raise ValueError(f"folder_fps must be > 0, got {self.folder_fps}")
-        try:
-            self.image_tmpl.format(1)
-        except (IndexError, KeyError, ValueError) as error:
-            raise ValueError(f"image_tmpl {self.image_tmpl!r} must format one frame number ({error})") from None
+        check_image_tmpl(self.image_tmpl)
 
     def encoding(self) -> dict[str, Any]:
         """The parameters recorded in the manifest."""

@@ -18,6 +18,17 @@ from shards import format as fmt
 IMAGE_TMPL = "img_{:05d}.jpg"  # frame file names in the official frame folders, numbered from 1
 
 
+def check_image_tmpl(tmpl: str) -> None:
+    """Raise ValueError unless `tmpl` names frame i as `tmpl.format(i)`, a different file for each i."""
+    try:
+        first, second = tmpl.format(1), tmpl.format(2)
+    except (IndexError, KeyError, ValueError) as error:
+        raise ValueError(f"image_tmpl {tmpl!r} must format one frame number, e.g. img_{{:05d}}.jpg ({error})") from None
+    if first == second:
+        raise ValueError(f"image_tmpl {tmpl!r} has no frame-number field: every frame would be {first!r}; "
+                         f"use e.g. img_{{:05d}}.jpg")
+
+
 class ListFormatError(ValueError):
     """A malformed list or labels file; the message names file and line."""
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from shards.build import build_split
 from shards.encode import EncodedSample, EncodeOptions
-from shards.manifest import Rejection, read_frames, read_index, read_manifest, read_member_bytes, read_video
+from shards.manifest import Rejection, ShardFormatError, read_frames, read_index, read_manifest, read_member_bytes, read_video
 from shards.sources import Source, read_list
 from shards.synthetic import frame_index, indexed_frames, write_frame_folder, write_video
 from shards.workers import CRASH_REASON, ordered_results
@@ -274,6 +274,18 @@ def test_cli_workers_match_and_strict_exit(dataset, tmp_path):
     shard_labels = [{e.label for e in read_index(p)} for p in manifest.index_paths()]
     assert manifest.num_samples == 3 and sum(map(len, shard_labels)) >= 3
     assert make_shards.main([str(root / "missing_list.txt"), "--out", str(tmp_path / "x"), *common]) == 2
+    (tmp_path / "none.txt").write_text("not_there.mp4 0\nnor_this.mp4 1\n")
+    assert make_shards.main([str(tmp_path / "none.txt"), "--out", str(tmp_path / "empty"), *common]) == 1
+    from pipelines.reader import shard_paths
+
+    with pytest.raises(ShardFormatError, match="the train split has no samples .2 inputs were rejected"):
+        shard_paths(tmp_path / "empty", "train")
+
+
+@pytest.mark.parametrize("tmpl", ["img_00001.jpg", "{:05d}{:d}.jpg", "{name}.jpg"])
+def test_image_template_without_one_frame_number_is_refused(tmpl):
+    with pytest.raises(ValueError, match="image_tmpl"):
+        EncodeOptions(image_tmpl=tmpl)
 
 
 def test_encoded_sample_is_verified(dataset):

@@ -93,7 +93,9 @@ def summarize(console: Console, manifest: Manifest, seconds: float, resumed: int
     console.print(f"{manifest.split}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
                   f"{total / 1e9:.2f} GB, layout {manifest.layout}, {seconds:.0f} s -> {manifest.directory}")
     if resumed:
-        console.print(f"resumed: {resumed} inputs were done by an earlier run; its finished shards were kept")
+        console.print(f"resumed: {resumed} inputs were done by an earlier run; its finished shards were kept "
+                      f"and its rejections are not rechecked (to recheck, delete {manifest.directory}/"
+                      f"{manifest.split}-* and rerun)")
     if manifest.rejected:
         console.print(f"[yellow]{len(manifest.rejected)} inputs rejected[/] (all listed in the manifest):")
         for r in manifest.rejected[:20]:
@@ -145,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]error:[/] {error}", highlight=False)
             return 2
     summarize(console, manifest, time.perf_counter() - start, resumed[0])
+    if not manifest.num_samples:
+        console.print(f"[red]error:[/] no input of {args.list} could be packed (reasons above); "
+                      f"the {args.split} split is empty", highlight=False)
+        return 1
     return 1 if args.strict and manifest.rejected else 0
 
 

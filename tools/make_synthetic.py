@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.sources import IMAGE_TMPL  # noqa: E402
+from shards.sources import IMAGE_TMPL, check_image_tmpl  # noqa: E402
 from shards.synthetic import MotionSpec, make_motion_dataset  # noqa: E402
 
 
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--videos-per-class and --val-per-class must be >= 1")
     try:
         spec = MotionSpec(num_classes=args.num_classes, num_frames=args.frames, size=args.size)
+        check_image_tmpl(args.image_tmpl)
     except ValueError as error:
         p.error(str(error))
     start = time.perf_counter()

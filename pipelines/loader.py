@@ -82,8 +82,8 @@ class Loader:
                  seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
                  num_threads: int | None = None, on_error: str = "raise", py_workers: int | None = None,
                  hw_decoder_load: float | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -95,6 +95,8 @@ class Loader:
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         self.num_threads = num_threads or _default_threads()
         cuda = self.device.type == "cuda"
+        if cuda and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device}: CUDA is not available here; use device='cpu' (or None)")
         self.py_workers = py_workers if py_workers is not None else GPU_PY_WORKERS if cuda else 0
         if self.py_workers < 0:
             raise ValueError(f"py_workers must be >= 0, got {py_workers}")

@@ -423,3 +423,15 @@ def test_gpu_path_decodes_the_same_frames(frame_shards, split):
         assert a["key"] == b["key"]
         np.testing.assert_array_equal(decoded_indices(a["clips"]), decoded_indices(b["clips"]))
         torch.testing.assert_close(a["clips"].cpu(), b["clips"], atol=0.1, rtol=0)
+
+
+def test_one_tar_path_and_bad_arguments(frame_shards):
+    tar = str(sorted(frame_shards.glob("test-*.tar"))[0])
+    by_tar = pipelines.loader(tar, "test", 2, num_segments=2, num_threads=1, **SIZE)
+    by_list = pipelines.loader([tar], "test", 2, num_segments=2, num_threads=1, **SIZE)
+    assert by_tar.samples and [s.key for s in by_tar.samples] == [s.key for s in by_list.samples]
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 2.5"):
+        pipelines.loader(frame_shards, "test", 2.5, num_segments=2, **SIZE)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            pipelines.loader(frame_shards, "test", 2, num_segments=2, device="cuda", **SIZE)

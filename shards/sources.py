@@ -84,7 +84,7 @@ def read_list(path: str | os.PathLike) -> list[Source]:
     if not lines:
         raise ListFormatError(f"{path}: the list is empty")
     folders = _detect_frame_folders(lines)
-    sources, used = [], set()
+    sources, used, first_line = [], set(), {}
     for n, line in lines:
         parts = line.rsplit(None, 2 if folders else 1)
         if len(parts) != (3 if folders else 2) or not _is_int(parts[-1]):
@@ -94,6 +94,10 @@ def read_list(path: str | os.PathLike) -> list[Source]:
         if label < 0:
             raise ListFormatError(f"{path}:{n}: label {label} is negative")
         num_frames = int(parts[1]) if folders else None
+        if parts[0] in first_line:
+            raise ListFormatError(f"{path}:{n}: {parts[0]!r} is listed twice (first on line {first_line[parts[0]]}); "
+                                  f"remove one")
+        first_line[parts[0]] = n
         key = make_key(parts[0], used, strip_extension=not folders)
         sources.append(Source(key=key, path=parts[0], label=label, num_frames=num_frames))
     return sources
@@ -122,8 +126,10 @@ def read_labels(path: str | os.PathLike) -> list[str]:
             if class_id in names:
                 raise ListFormatError(f"{path}:{n}: id {class_id} appears twice")
             names[class_id] = ",".join(row[1:]).strip()
-    if sorted(names) != list(range(len(names))):
-        raise ListFormatError(f"{path}: ids must be 0..{len(names) - 1} without gaps")
+    missing = sorted(set(range(max(names, default=-1) + 1)) - set(names))
+    if missing:
+        raise ListFormatError(f"{path}: ids must be 0..N-1 without gaps; missing: "
+                              f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}")
     return [names[i] for i in range(len(names))]
 
 
@@ -131,6 +137,10 @@ def class_names(sources: list[Source], labels: list[str] | None, list_path: str)
     """The manifest's classes: the CSV names (every label must be in range) or the label numbers."""
     top = max(s.label for s in sources)
     if labels is None:
+        distinct = len({s.label for s in sources})
+        if top >= 10 * max(distinct, 100):  # e.g. one mistyped label would make a million classes
+            raise ListFormatError(f"{list_path}: {distinct} distinct labels reach {top}, which would make "
+                                  f"{top + 1} classes; check the labels or give --labels CSV")
         return [str(i) for i in range(top + 1)]
     if top >= len(labels):
         bad = next(s for s in sources if s.label >= len(labels))

@@ -76,7 +76,8 @@ def dataset(tmp_path_factory) -> dict:
     (root / "f/gap/img_00003.jpg").unlink()
     write_frame_folder(root / "f/corrupt", np.zeros((3, 36, 48, 3), np.uint8))
     (root / "f/corrupt/img_00002.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    lines = ["f/short 7 0", "f/long 23 1", "f/gap 4 1", "f/corrupt 3 0", "f/nowhere 5 1", "f/short 0 1"]
+    write_frame_folder(root / "f/zero", np.zeros((2, 36, 48, 3), np.uint8))
+    lines = ["f/short 7 0", "f/long 23 1", "f/gap 4 1", "f/corrupt 3 0", "f/nowhere 5 1", "f/zero 0 1"]
     (root / "folders.txt").write_text("\n".join(lines) + "\n")
     (root / "pngs.txt").write_text("f/png 5 1\n")
     counts.update({"f/short": 7, "f/long": 23, "f/png": 5})
@@ -178,7 +179,7 @@ def test_rejections_have_reasons(dataset, tmp_path):
     reasons = {r.source: r.reason for r in manifest.rejected}
     assert reasons["f/gap"].startswith("missing: frame 3") and reasons["f/corrupt"].startswith("undecodable:")
     assert reasons["f/nowhere"].startswith("missing: frame folder") and set(reasons) == {
-        "f/gap", "f/corrupt", "f/nowhere", "f/short"}  # the second f/short line lists 0 frames
+        "f/gap", "f/corrupt", "f/nowhere", "f/zero"}  # f/zero is listed with 0 frames
 
 
 def test_frame_folder_jpegs_are_copied_and_frames_in_order(dataset, tmp_path):

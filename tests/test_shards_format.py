@@ -61,8 +61,18 @@ def test_read_labels_and_class_names(tmp_path):
     with pytest.raises(ListFormatError, match="label 2 of 'b.mp4'"):
         class_names(sources, read_labels(csv_path), str(path))
     csv_path.write_text("0,a\n2,c\n")
-    with pytest.raises(ListFormatError, match="without gaps"):
+    with pytest.raises(ListFormatError, match="without gaps; missing: 1$"):
         read_labels(csv_path)
+    path.write_text("a.mp4 1\nb.mp4 999999\n")  # a mistyped label
+    with pytest.raises(ListFormatError, match="2 distinct labels reach 999999"):
+        class_names(read_list(path), None, str(path))
+
+
+def test_a_path_listed_twice_is_refused(tmp_path):
+    path = tmp_path / "l.txt"
+    path.write_text("a.mp4 1\nb.mp4 2\n\na.mp4 1\n")
+    with pytest.raises(ListFormatError, match=r"l.txt:4: 'a.mp4' is listed twice \(first on line 1\)"):
+        read_list(path)
 
 
 def test_shuffle_mixes_classes_deterministically():

@@ -245,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             NonFiniteLossError) as error:
         print(f"error: {error}", file=sys.stderr)  # the message names the file or key; no traceback needed
         return 1
+    except KeyboardInterrupt:
+        if not args.test:
+            print(f"interrupted: rerun the same command with --resume to continue from {config.output_dir}/last.pt",
+                  file=sys.stderr)
+        return 130
     finally:
         log.close()
         close_distributed()

@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             progress.stop()
             console.print(f"[red]error:[/] {error}", highlight=False)
             return 2
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print("interrupted: rerun the same command to go on (finished shards are kept)")
+            return 130
     summarize(console, manifest, time.perf_counter() - start, resumed[0])
     if not manifest.num_samples:
         console.print(f"[red]error:[/] no input of {args.list} could be packed (reasons above); "

@@ -322,21 +322,24 @@ def test_resume_mid_epoch_and_at_epoch_boundary(frame_shards, randaugment):
         assert got["key"] == want["key"] and torch.equal(got["clips"], want["clips"])
 
 
-def _corrupt(directory: Path, key: str, frame: int) -> None:
+def _corrupt(directory: Path, key: str, frame: int, start: int = 0, stop: int | None = None) -> None:
+    """Zero bytes [start, stop) of one frame in its shard (all of it by default)."""
     index = json.loads(next(p for p in directory.glob("*.index.json")
                             if key in p.read_text()).read_text())
     entry = next(s for s in index["samples"] if s["key"] == key)
     offset, size = entry["frames"][frame]
+    stop = size if stop is None else stop
     with open(directory / index["tar"], "r+b") as tar:
-        tar.seek(offset)
-        tar.write(b"\x00" * size)
+        tar.seek(offset + start)
+        tar.write(b"\x00" * (stop - start))
 
 
-@pytest.fixture
-def broken_shards(tmp_path):
+@pytest.fixture(params=["zeroed", "header"])
+def broken_shards(tmp_path, request):
+    """v002's frames zeroed, or only their headers (the start-of-image marker kept)."""
     write_shards(tmp_path, "test", indexed_videos(4, frames=6))
     for frame in range(6):
-        _corrupt(tmp_path, "v002", frame)
+        _corrupt(tmp_path, "v002", frame, *((0, None) if request.param == "zeroed" else (2, 200)))
     return tmp_path
 
 
@@ -435,3 +438,26 @@ def test_one_tar_path_and_bad_arguments(frame_shards):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
             pipelines.loader(frame_shards, "test", 2, num_segments=2, device="cuda", **SIZE)
+
+
+def test_jpeg_header_check():
+    from pipelines.source import jpeg_header_ok
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8))
+    encoded = {}
+    for name, options in {"baseline": {}, "progressive": {"progressive": True},
+                          "exif": {"exif": b"Exif\x00\x00" + bytes(20)}}.items():
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=75, **options)
+        encoded[name] = np.frombuffer(buffer.getvalue(), np.uint8).copy()
+        assert jpeg_header_ok(encoded[name]), name
+    jpeg = encoded["baseline"]
+    sos = next(i for i in range(len(jpeg) - 1) if jpeg[i] == 0xFF and jpeg[i + 1] == 0xDA)
+    damaged = {"empty": jpeg[:0], "no SOI": jpeg[2:], "zeroed header": np.concatenate([jpeg[:2], np.zeros(200, np.uint8),
+                                                                                         jpeg[202:]]),
+               "cut before the scan": jpeg[:sos], "zeros after SOI": np.concatenate([jpeg[:3], np.zeros(9, np.uint8)])}
+    for name, data in damaged.items():
+        assert not jpeg_header_ok(data), name
+    tail_damaged = jpeg.copy()
+    tail_damaged[sos + 20:] = 0  # past the header: DALI decodes it (wrong pixels) without crashing
+    assert jpeg_header_ok(tail_damaged)

@@ -123,12 +123,14 @@ def read_labels(path: str | os.PathLike) -> list[str]:
                     continue  # header
                 raise ListFormatError(f"{path}:{n}: id {row[0]!r} is not an integer")
             class_id = int(row[0])
+            if class_id < 0:
+                raise ListFormatError(f"{path}:{n}: id {class_id} is negative")
             if class_id in names:
                 raise ListFormatError(f"{path}:{n}: id {class_id} appears twice")
             names[class_id] = ",".join(row[1:]).strip()
-    missing = sorted(set(range(max(names, default=-1) + 1)) - set(names))
+    missing = [i for i in range(len(names)) if i not in names]  # as many as the ids past the end
     if missing:
-        raise ListFormatError(f"{path}: ids must be 0..N-1 without gaps; missing: "
+        raise ListFormatError(f"{path}: ids must be 0..{len(names) - 1} without gaps; missing: "
                               f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}")
     return [names[i] for i in range(len(names))]
 

@@ -61,7 +61,13 @@ def test_read_labels_and_class_names(tmp_path):
     with pytest.raises(ListFormatError, match="label 2 of 'b.mp4'"):
         class_names(sources, read_labels(csv_path), str(path))
     csv_path.write_text("0,a\n2,c\n")
-    with pytest.raises(ListFormatError, match="without gaps; missing: 1$"):
+    with pytest.raises(ListFormatError, match="ids must be 0..1 without gaps; missing: 1$"):
+        read_labels(csv_path)
+    csv_path.write_text("0,a\n2000000000,c\n")  # no 2e9-long range built to say so
+    with pytest.raises(ListFormatError, match="missing: 1$"):
+        read_labels(csv_path)
+    csv_path.write_text("0,a\n-1,b\n")
+    with pytest.raises(ListFormatError, match="labels.csv:2: id -1 is negative"):
         read_labels(csv_path)
     path.write_text("a.mp4 1\nb.mp4 999999\n")  # a mistyped label
     with pytest.raises(ListFormatError, match="2 distinct labels reach 999999"):

@@ -61,6 +61,7 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     best_top1: float = -1.0
     best_epoch: int = -1
+    validation_due: bool = False  # the validation after epoch `epoch` - 1 has not finished
 
 
 @dataclass(kw_only=True)
@@ -109,6 +110,7 @@ class Trainer:
             batch_in_epoch=self.state.batch_in_epoch,
             best_top1=self.state.best_top1,
             best_epoch=self.state.best_epoch,
+            validation_due=self.state.validation_due,
             world_size=self.world.world_size,
             rng=all_gather_objects(rng_state()),
             data=all_gather_objects(self.train_loader.state_dict()),
@@ -123,7 +125,8 @@ class Trainer:
         self.schedule.load_state_dict(checkpoint["schedule"])
         self.state = TrainState(epoch=checkpoint["epoch"], step=checkpoint["step"],
                                 batch_in_epoch=checkpoint["batch_in_epoch"],
-                                best_top1=checkpoint["best_top1"], best_epoch=checkpoint["best_epoch"])
+                                best_top1=checkpoint["best_top1"], best_epoch=checkpoint["best_epoch"],
+                                validation_due=checkpoint.get("validation_due", False))
         if checkpoint["world_size"] == self.world.world_size:
             set_rng_state(checkpoint["rng"][self.world.rank])
             self.train_loader.load_state_dict(checkpoint["data"][self.world.rank])
@@ -143,28 +146,35 @@ class Trainer:
 
     def fit(self) -> None:
         """Train from self.state to the last epoch, validating and checkpointing each epoch."""
+        if self.state.validation_due:  # the run stopped while validating the epoch before
+            self._end_epoch(self.state.epoch - 1)
         for epoch in range(self.state.epoch, self.epochs):
             if self.state.batch_in_epoch == 0:
                 self.train_loader.set_epoch(epoch)
             self.train_one_epoch()
             self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
-            is_best = False
-            if self.val_loader is not None and self._validates(epoch):
-                self._save()  # the epoch's training survives a validation that fails (bad shard, OOM)
-                result = evaluate(self.eval_model, self.val_loader, views=1,
-                                  num_classes=self.model.config.num_classes,
-                                  device=self.world.device, precision=self.precision)
-                self.val_loader.close()  # its prefetched batches and decode buffers are not needed until next time
-                self.metrics.log(self.state.step, {"val/top1": result["top1"], "val/top5": result["top5"]})
-                self.val_history.append({"epoch": epoch + 1, "top1": result["top1"], "top5": result["top5"]})
-                is_best = result["top1"] > self.state.best_top1  # ties keep the earlier epoch
-                if is_best:
-                    self.state.best_top1, self.state.best_epoch = result["top1"], epoch
-                self.metrics.info(f"epoch {epoch + 1}/{self.epochs}: val top-1 {result['top1']:.2f}% "
-                                  f"top-5 {result['top5']:.2f}% (best {self.state.best_top1:.2f}% "
-                                  f"at epoch {self.state.best_epoch + 1})")
-            self._report_skipped()
-            self._save(best=is_best and self.save_best)
+            self._end_epoch(epoch)
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Validate after `epoch` (when due) and checkpoint."""
+        is_best = False
+        if self.val_loader is not None and self._validates(epoch):
+            self.state.validation_due = True
+            self._save()  # the epoch's training survives a validation that fails (bad shard, OOM); resume redoes it
+            result = evaluate(self.eval_model, self.val_loader, views=1, num_classes=self.model.config.num_classes,
+                              device=self.world.device, precision=self.precision)
+            self.val_loader.close()  # its prefetched batches and decode buffers are not needed until next time
+            self.state.validation_due = False
+            self.metrics.log(self.state.step, {"val/top1": result["top1"], "val/top5": result["top5"]})
+            self.val_history.append({"epoch": epoch + 1, "top1": result["top1"], "top5": result["top5"]})
+            is_best = result["top1"] > self.state.best_top1  # ties keep the earlier epoch
+            if is_best:
+                self.state.best_top1, self.state.best_epoch = result["top1"], epoch
+            self.metrics.info(f"epoch {epoch + 1}/{self.epochs}: val top-1 {result['top1']:.2f}% "
+                              f"top-5 {result['top5']:.2f}% (best {self.state.best_top1:.2f}% "
+                              f"at epoch {self.state.best_epoch + 1})")
+        self._report_skipped()
+        self._save(best=is_best and self.save_best)
 
     def _report_skipped(self) -> None:
         """Name, once each, the samples any rank's loaders left out after a read error (data.on_error: skip)."""

@@ -166,8 +166,13 @@ def test_a_failing_validation_keeps_the_trained_epoch(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     last = trainer.checkpointer.load_last()
-    assert (last["epoch"], last["batch_in_epoch"], last["step"]) == (1, 0, 3)
+    assert (last["epoch"], last["batch_in_epoch"], last["step"]) == (1, 0, 3) and last["validation_due"]
     assert not (tmp_path / "best.pt").exists()
+    resumed = make_trainer(tmp_path, epochs=2)
+    resumed.restore(last)
+    resumed.fit()  # validates epoch 1 first, then trains and validates epoch 2
+    assert [v["epoch"] for v in resumed.val_history] == [1, 2] and (tmp_path / "best.pt").exists()
+    assert not resumed.checkpointer.load_last()["validation_due"]
 
 
 def test_skipped_samples_are_named_once(tmp_path, capsys):

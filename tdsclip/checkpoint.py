@@ -2,9 +2,10 @@
 
 A checkpoint is one torch.save'd dict in this project's format (tdsclip.load_model reads its
 model part): {"format": "tdsclip", "version": 1, "model_config", "model"} plus the trainer's
-"optimizer", "schedule", "epoch", "step", "batch_in_epoch", "best_top1", "best_epoch", "validation_due",
-"world_size", "rng" and "data" (per rank) and the resolved "config". Files are written to a temporary name in the
-same directory and renamed, so a crash mid-write never leaves a truncated last.pt.
+"optimizer", "schedule", "epoch", "step", "batch_in_epoch", "best_top1", "best_epoch",
+"validation_due", "world_size", "rng" and "data" (per rank) and the resolved "config". Files are
+written to a temporary name in the same directory and renamed, so a crash mid-write never leaves a
+truncated last.pt.
 """
 
 from __future__ import annotations

@@ -63,8 +63,9 @@ def build_loaders(config: RunConfig, world: World, model_config, batch_size: int
                              num_sample=data.num_sample, flip=data.flip, flip_label_map=data.flip_label_map,
                              grayscale_prob=data.grayscale_prob, randaugment=data.randaugment)
     val = pipelines.loader(shard_paths(data.shards, data.val_split), "val", data.eval_batch_size, segments, **options)
-    check_labels(train, data.train_split, config, model_config.num_classes)
-    check_labels(val, data.val_split, config, model_config.num_classes)
+    for loader, split in ((train, data.train_split), (val, data.val_split)):
+        check_labels(loader, model_config.num_classes, f"split {split!r} of {data.shards}",
+                     "set model.num_classes to the shards' number of classes")
     return train, val
 
 
@@ -77,12 +78,11 @@ def check_pipeline_options(config: RunConfig) -> None:
             raise ConfigError(f"data.randaugment: {error}") from None
 
 
-def check_labels(loader, split: str, config: RunConfig, num_classes: int) -> None:
-    """Every label of the split must be a class of the model (a mismatch otherwise fails in the loss)."""
+def check_labels(loader, num_classes: int, data: str, remedy: str) -> None:
+    """Every label of `data` must be a class of the model (a mismatch otherwise fails in the loss)."""
     top = max(sample.label for sample in loader.samples)
     if top >= num_classes:
-        raise ConfigError(f"model.num_classes is {num_classes}, but split {split!r} of {config.data.shards} has "
-                          f"label {top}: set model.num_classes to the shards' number of classes")
+        raise ConfigError(f"{data} has label {top}, but the model has {num_classes} classes: {remedy}")
 
 
 def resolve_precision(config: RunConfig, world: World) -> str:
@@ -208,7 +208,8 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     loader = pipelines.loader(tars, "test", config.data.eval_batch_size, model.config.num_segments,
                               **loader_options(config, world, model.config.image_size),
                               test_crops=crops, test_clips=clips)
-    check_labels(loader, config.data.test_split, config, model.config.num_classes)
+    check_labels(loader, model.config.num_classes, f"split {config.data.test_split!r} of {config.data.shards}",
+                 f"the weights {args.weights} were trained for fewer classes; check --weights and data.test_split")
     result = evaluate(model, loader, views=crops * clips, num_classes=model.config.num_classes,
                       device=world.device, precision=precision, keep_predictions=True)
     skipped = sorted(key for keys in all_gather_objects(loader.skipped) for key in keys)

@@ -28,7 +28,7 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
            grayscale_prob: float = 0.0, randaugment: str | None = None, test_crops: int = 1,
            test_clips: int = 1, num_threads: int | None = None, on_error: str = "raise",
            py_workers: int | None = None, hw_decoder_load: float | None = None) -> "Loader":
-    """A Loader over `split` of `shards` (a directory with `<split>.manifest.json`, or a list of tars).
+    """A Loader over `split` of `shards` (a directory with `<split>.manifest.json`, a list of tars, or one tar).
 
     Args:
         batch_size: videos per batch on this rank; a batch holds batch_size * views clips, where
@@ -55,7 +55,8 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
                     num_sample=num_sample, flip=flip, flip_label_map=flip_label_map,
                     grayscale_prob=grayscale_prob, test_crops=test_crops, test_clips=test_clips,
                     randaugment=augment.parse_randaugment(randaugment) if randaugment and split == "train" else None)
-    return Loader(shard_paths(shards, split), spec, batch_size, rank=rank, world_size=world_size, seed=seed,
+    one_tar = isinstance(shards, (str, os.PathLike)) and str(shards).endswith(".tar")
+    return Loader([str(shards)] if one_tar else shard_paths(shards, split), spec, batch_size, rank=rank, world_size=world_size, seed=seed,
                   device=device, dtype=dtype, num_threads=num_threads, on_error=on_error, py_workers=py_workers,
                   hw_decoder_load=hw_decoder_load)
 

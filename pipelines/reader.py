@@ -38,14 +38,14 @@ class Sample:
 
 
 def shard_paths(shards: str | os.PathLike | list, split: str) -> list[str]:
-    """Tar paths of `split`: from `<dir>/<split>.manifest.json` (validated), or `shards` itself when a list
-    of tars or one tar."""
+    """Tar paths of `split`: from `<dir>/<split>.manifest.json` (validated), or `shards` itself when a list."""
     if isinstance(shards, (list, tuple)):
         if not shards:
             raise ValueError("shards: the list of tar paths is empty")
         return [str(p) for p in shards]
-    if str(shards).endswith(".tar"):  # one shard named directly
-        return [str(shards)]
+    if os.path.isfile(shards):
+        raise ShardFormatError(f"{shards} is a file: give the shard directory (with <split>.manifest.json) "
+                               f"or a list of tar paths")
     manifest = read_manifest(shards, split)
     if not manifest.num_samples:
         raise ShardFormatError(f"{Path(shards) / fmt.manifest_name(split)}: the {split} split has no samples "

@@ -70,7 +70,14 @@ def test_misspelled_split_lists_the_splits_there(shards, tmp_path, capsys):
 
 def test_num_classes_below_the_shards_labels_is_a_clear_error(shards, tmp_path, capsys):
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, tmp_path, "model.num_classes=2")]) == 1
-    assert "model.num_classes is 2, but split 'train'" in capsys.readouterr().err
+    assert "split 'train' of" in (err := capsys.readouterr().err)
+    assert "has label 2, but the model has 2 classes: set model.num_classes" in err
+
+
+def test_a_tar_as_data_shards_is_a_clear_error(shards, tmp_path, capsys):
+    tar = shards / "train-000000.tar"
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, tmp_path), f"data.shards={tar}"]) == 1
+    assert f"{tar} is a file: give the shard directory" in capsys.readouterr().err
 
 
 def test_bad_randaugment_is_a_config_error(capsys):

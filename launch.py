@@ -145,9 +145,10 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
     )
 
 
-# Keys a resumed run may change: where data and outputs live, how the run reports, checkpoints and
-# validates, and its length (the cosine then runs on to the new last epoch).
-RESUME_MAY_CHANGE = ("output_dir", "compile", "data.shards", "data.num_threads", "data.on_error",
+# Keys a resumed run may change: where data, outputs and CLIP weights live (the checkpoint holds the
+# weights), how the run reports, checkpoints and validates, and its length (the cosine then runs on
+# to the new last epoch).
+RESUME_MAY_CHANGE = ("output_dir", "compile", "model.clip_weights", "data.shards", "data.num_threads", "data.on_error",
                      "data.eval_batch_size", "logging.", "checkpoint.", "eval.", "schedule.epochs")
 
 

@@ -129,7 +129,11 @@ class Trainer:
                                 validation_due=checkpoint.get("validation_due", False))
         if checkpoint["world_size"] == self.world.world_size:
             set_rng_state(checkpoint["rng"][self.world.rank])
-            self.train_loader.load_state_dict(checkpoint["data"][self.world.rank])
+            try:
+                self.train_loader.load_state_dict(checkpoint["data"][self.world.rank])
+            except ValueError as error:
+                raise CheckpointError(f"{error}: the training data differ from the checkpoint's; resume on the "
+                                      f"same shards, or start a new run") from None
         else:
             if self.state.batch_in_epoch:
                 raise CheckpointError(f"the checkpoint was written mid-epoch by {checkpoint['world_size']} "

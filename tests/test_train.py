@@ -175,6 +175,18 @@ def test_a_failing_validation_keeps_the_trained_epoch(tmp_path):
     assert not resumed.checkpointer.load_last()["validation_due"]
 
 
+def test_resume_on_other_data_is_a_checkpoint_error(tmp_path):
+    make_trainer(tmp_path, epochs=1).fit()
+    other = make_trainer(tmp_path, epochs=1)
+
+    def refuse(state):  # what pipelines.Loader says when the shards hold another number of videos
+        raise ValueError("loader state: num_videos 12 was saved, this loader has 15")
+
+    other.train_loader.load_state_dict = refuse
+    with pytest.raises(CheckpointError, match="num_videos 12 .*: the training data differ"):
+        other.restore(other.checkpointer.load_last())
+
+
 def test_skipped_samples_are_named_once(tmp_path, capsys):
     trainer = make_trainer(tmp_path, epochs=3)
     trainer.train_loader.skipped = ["train-000000.tar:bad_video"]

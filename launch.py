@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)  # the message names the file or key; no traceback needed
         return 1
     except KeyboardInterrupt:
-        if not args.test:
+        if world.is_main and not args.test:
             print(f"interrupted: rerun the same command with --resume to continue from {config.output_dir}/last.pt",
                   file=sys.stderr)
         return 130

@@ -86,8 +86,9 @@ class Loader:
                  seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
                  num_threads: int | None = None, on_error: str = "raise", py_workers: int | None = None,
                  hw_decoder_load: float | None = None):
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        batch_size = int(batch_size)
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):

@@ -260,12 +260,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_first_line(error)})") from None
+        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
     return key.strip(), value
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0]
 
 
 def _looks_like_float(text: str) -> bool:

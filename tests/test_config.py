@@ -59,6 +59,7 @@ def test_overrides_apply_and_parse_types():
     (["data.flip=swap"], "data.flip_label_map: flip: swap needs a label map"),
     (["optim=3"], "optim: must be a mapping"),
     (["optim.lr"], "expected key.sub=value"),
+    (["optim.betas=[0.9,"], "override 'optim.betas=[0.9,': the value is not valid YAML (expected the node content"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -73,6 +74,9 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    path.write_text("optim: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
+        load_config(path)
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -441,23 +441,27 @@ def test_one_tar_path_and_bad_arguments(frame_shards):
 
 
 def test_jpeg_header_check():
-    from pipelines.source import jpeg_header_ok
+    from pipelines.source import jpeg_headers_ok
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8))
-    encoded = {}
+    frames = {}
     for name, options in {"baseline": {}, "progressive": {"progressive": True},
                           "exif": {"exif": b"Exif\x00\x00" + bytes(20)}}.items():
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=75, **options)
-        encoded[name] = np.frombuffer(buffer.getvalue(), np.uint8).copy()
-        assert jpeg_header_ok(encoded[name]), name
-    jpeg = encoded["baseline"]
+        frames[name] = np.frombuffer(buffer.getvalue(), np.uint8)
+    jpeg = frames["baseline"]
     sos = next(i for i in range(len(jpeg) - 1) if jpeg[i] == 0xFF and jpeg[i + 1] == 0xDA)
-    damaged = {"empty": jpeg[:0], "no SOI": jpeg[2:], "zeroed header": np.concatenate([jpeg[:2], np.zeros(200, np.uint8),
-                                                                                         jpeg[202:]]),
-               "cut before the scan": jpeg[:sos], "zeros after SOI": np.concatenate([jpeg[:3], np.zeros(9, np.uint8)])}
-    for name, data in damaged.items():
-        assert not jpeg_header_ok(data), name
     tail_damaged = jpeg.copy()
     tail_damaged[sos + 20:] = 0  # past the header: DALI decodes it (wrong pixels) without crashing
-    assert jpeg_header_ok(tail_damaged)
+    frames["damage past the header"] = tail_damaged
+    good = len(frames)
+    frames.update({"empty": jpeg[:0], "no SOI": jpeg[2:], "zeroed header": np.concatenate([jpeg[:2], np.zeros(200, np.uint8),
+                                                                                             jpeg[202:]]),
+                   "cut before the scan": jpeg[:sos], "zeros after SOI": np.concatenate([jpeg[:3], np.zeros(9, np.uint8)]),
+                   "cut inside SOI": jpeg[:3]})
+    names = list(frames)
+    for order in (names, names[::-1]):  # one buffer, frames back to back: none may read into the next
+        sizes = np.array([len(frames[n]) for n in order])
+        ok = jpeg_headers_ok(np.concatenate([frames[n] for n in order]), np.cumsum(sizes) - sizes, sizes)
+        assert dict(zip(order, ok.tolist())) == {n: i < good for i, n in enumerate(names)}

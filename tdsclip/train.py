@@ -171,7 +171,7 @@ class Trainer:
             self.state.validation_due = False
             self.metrics.log(self.state.step, {"val/top1": result["top1"], "val/top5": result["top5"]})
             self.val_history.append({"epoch": epoch + 1, "top1": result["top1"], "top5": result["top5"]})
-            is_best = result["top1"] > self.state.best_top1  # ties keep the earlier epoch
+            is_best = result["top1"] >= self.state.best_top1  # as the official loop: a tie saves the later epoch
             if is_best:
                 self.state.best_top1, self.state.best_epoch = result["top1"], epoch
             self.metrics.info(f"epoch {epoch + 1}/{self.epochs}: val top-1 {result['top1']:.2f}% "

@@ -76,6 +76,9 @@ def test_export_of_a_new_model_loads_back(clips, tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match=r"1 heads \(width // 64\); this model has model.heads=2"):
         tdsclip.export_official(tdsclip.build_model(tdsclip.tiny_config(heads=2)), tmp_path / "x.pt")
+    tdsclip.save_model(tdsclip.build_model(tdsclip.tiny_config(heads=2)), tmp_path / "heads2.pt")
+    assert export_tool.main([str(tmp_path / "heads2.pt"), str(tmp_path / "y.pt")]) == 1  # the message, no traceback
+    assert not (tmp_path / "y.pt").exists()
 
 
 def test_ddp_prefix_and_bare_state_dict(official_state, clips, tmp_path):

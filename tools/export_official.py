@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load_model(args.checkpoint)
         export_official(model, args.output, epoch=args.epoch)
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError, ValueError) as e:  # ValueError: a model the official code cannot express
         print(f"error: {e}", file=sys.stderr)
         return 1
     c = model.config

@@ -22,7 +22,7 @@ from pipelines.augment import parse_randaugment
 from pipelines.reader import shard_paths
 from shards.manifest import ShardFormatError
 from tdsclip.checkpoint import Checkpointer
-from tdsclip.config import ConfigError, RunConfig, config_to_dict, load_config, save_config
+from tdsclip.config import ConfigError, RunConfig, config_diff, config_to_dict, load_config, save_config
 from tdsclip.distributed import World, all_gather_objects, close_distributed, init_distributed
 from tdsclip.metrics import MetricsLogger, device_peak_tflops, train_flops_per_clip
 from tdsclip.optim import WarmupCosineSchedule, build_optimizer
@@ -155,22 +155,12 @@ RESUME_MAY_CHANGE = ("output_dir", "compile", "model.clip_weights", "data.shards
 def check_resume_config(saved: dict, current: dict, path: Path) -> list[str]:
     """Refuse to resume with a config that changes the run (model, data, optimizer, schedule, seed);
     return the allowed changes, "key: old -> new"."""
-    def flat(node: dict, prefix: str = "") -> dict:
-        items = {}
-        for key, value in node.items():
-            if isinstance(value, dict) and key != "flip_label_map":
-                items.update(flat(value, f"{prefix}{key}."))
-            else:
-                items[prefix + key] = value
-        return items
-
-    old, new = flat(saved), flat(current)
-    changed = [key for key in sorted(old.keys() & new.keys()) if old[key] != new[key]]
-    refused = [f"{key}: {old[key]!r} -> {new[key]!r}" for key in changed if not key.startswith(RESUME_MAY_CHANGE)]
+    changes = {key: f"{key}: {old!r} -> {new!r}" for key, (old, new) in config_diff(saved, current).items()}
+    refused = [text for key, text in changes.items() if not key.startswith(RESUME_MAY_CHANGE)]
     if refused:
         raise ConfigError(f"--resume: the config differs from the one {path} was trained with: {'; '.join(refused)}. "
                           f"Resume with the same settings, or start a new run with output_dir=...")
-    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in changed]
+    return list(changes.values())
 
 
 def train(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:

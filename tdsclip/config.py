@@ -311,6 +311,21 @@ def config_to_dict(config: RunConfig) -> dict:
     return plain(dataclasses.asdict(config))
 
 
+def config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """{"section.key": (old value, new value)} for the keys both plain config dicts have and that differ."""
+    def flat(node: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in node.items():
+            if isinstance(value, dict) and key != "flip_label_map":  # a value, not a section
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[prefix + key] = value
+        return items
+
+    before, after = flat(old), flat(new)
+    return {key: (before[key], after[key]) for key in sorted(before.keys() & after.keys()) if before[key] != after[key]}
+
+
 def save_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), so every run records what it ran."""
     atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

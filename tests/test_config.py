@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tdsclip.config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config, save_config
+from tdsclip.config import ConfigError, RunConfig, config_diff, config_from_dict, config_to_dict, load_config, save_config
 
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
 
@@ -85,3 +85,11 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == config
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == config_to_dict(config)
+
+
+def test_config_diff_names_changed_keys():
+    old = config_to_dict(config_from_dict({}, ["data.flip=swap", "data.flip_label_map={1: 2, 2: 1}"]))
+    new = config_to_dict(config_from_dict({}, ["data.flip=swap", "data.flip_label_map={1: 2, 2: 1}", "optim.lr=0.5",
+                                               "optim.betas=[0.8, 0.9]"]))
+    assert config_diff(old, old) == {}
+    assert config_diff(old, new) == {"optim.betas": ([0.9, 0.999], [0.8, 0.9]), "optim.lr": (0.001, 0.5)}

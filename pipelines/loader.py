@@ -231,7 +231,7 @@ class Loader:
                                   **options)
         else:
             pipe = eval_pipeline(source, **options)
-        with _ctrl_c_ignored_by_new_processes():
+        with _ctrl_c_ignored_by_new_processes() if self.py_workers else contextlib.nullcontext():
             pipe.build()  # starts the reader processes (py_workers)
         return pipe
 

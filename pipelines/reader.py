@@ -157,6 +157,43 @@ class ShardFiles:
         self._fds.clear()
 
 
+_STANDALONE_MARKERS = np.array([0x01, *range(0xD0, 0xD8)])  # TEM, RST0-7: no length field
+_SOF_MARKERS = np.array([m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)])  # not DHT, JPG, DAC
+MAX_HEADER_STEPS = 256  # marker steps before SOS; real headers take ~10, damaged ones (fill-byte runs) many
+
+
+def jpeg_headers_ok(buffer: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Per frame buffer[start:start + size]: whether it opens with SOI and a chain of marker segments
+    that reaches the start of scan (SOS) after a frame header (SOFn), within MAX_HEADER_STEPS.
+
+    All frames are walked in lockstep, one segment per step, so a batch costs ~10 numpy steps (a
+    header has ~10 segments), not a Python loop per frame. Reads never leave a frame's bytes.
+    """
+    starts, sizes = np.asarray(starts, np.int64), np.asarray(sizes, np.int64)
+    ends = starts + sizes
+    ok, has_frame, alive = np.zeros(len(starts), bool), np.zeros(len(starts), bool), sizes >= 4
+    index = np.flatnonzero(alive)
+    alive[index] = (buffer[starts[index]] == 0xFF) & (buffer[starts[index] + 1] == 0xD8)
+    at = starts + 2
+    for _ in range(MAX_HEADER_STEPS):
+        index = np.flatnonzero(alive)
+        if not index.size:
+            break
+        pos = at[index]
+        inside = pos + 4 <= ends[index]
+        pos = np.where(inside, pos, starts[index])  # in-frame indices for the lanes that stop here
+        marker = buffer[pos + 1]
+        valid = inside & (buffer[pos] == 0xFF) & ~np.isin(marker, (0x00, 0xD8, 0xD9))
+        scan = valid & (marker == 0xDA)
+        ok[index[scan]] = has_frame[index[scan]]
+        has_frame[index] |= valid & np.isin(marker, _SOF_MARKERS)
+        length = buffer[pos + 2].astype(np.int64) << 8 | buffer[pos + 3]
+        step = np.where(marker == 0xFF, 1, np.where(np.isin(marker, _STANDALONE_MARKERS), 2, 2 + length))
+        at[index] = pos + step
+        alive[index] = valid & ~scan
+    return ok
+
+
 def check_sample(files: ShardFiles, sample: Sample, frames: np.ndarray) -> None:
     """Read and decode `frames` of `sample` in Python; raise ShardReadError naming shard and key if that fails.
 
@@ -168,8 +205,11 @@ def check_sample(files: ShardFiles, sample: Sample, frames: np.ndarray) -> None:
         if sample.layout == "frames":
             for frame in np.unique(frames):
                 offset, size = sample.ranges[frame]
+                data = files.pread(sample.tar, sample.key, offset, size)
+                if not jpeg_headers_ok(data, [0], [len(data)])[0]:  # what the source refuses to give DALI
+                    raise ValueError(f"frame {int(frame)} ({int(size)} bytes) is not a JPEG (its header is damaged)")
                 try:
-                    Image.open(io.BytesIO(files.pread(sample.tar, sample.key, offset, size).tobytes())).load()
+                    Image.open(io.BytesIO(data.tobytes())).load()
                 except UnidentifiedImageError:
                     raise ValueError(f"frame {int(frame)} ({int(size)} bytes) is not an image") from None
         else:

@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from pipelines.plan import Planner
-from pipelines.reader import ShardFiles, ShardReadError
+from pipelines.reader import ShardFiles, ShardReadError, jpeg_headers_ok
 
 MODES = ("frame", "video")
 MERGE_GAP = 4096  # bytes: a tar header (512) plus padding (< 512) between adjacent frames, with room
@@ -132,39 +132,6 @@ def _check_jpeg_headers(buffer: np.ndarray, starts: list[int], jpegs: list[np.nd
         sample, frames = clips[i // len(clips[0][1])]
         raise ShardReadError(f"{sample.tar}: sample {sample.key!r}: frame {int(frames[i % len(frames)])} "
                              f"is not a JPEG (its header is damaged)")
-
-
-_STANDALONE_MARKERS = np.array([0x01, *range(0xD0, 0xD8)])  # TEM, RST0-7: no length field
-_SOF_MARKERS = np.array([m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)])  # not DHT, JPG, DAC
-
-
-def jpeg_headers_ok(buffer: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Per frame buffer[start:start + size]: whether it opens with SOI and a chain of marker segments
-    that reaches the start of scan (SOS) after a frame header (SOFn).
-
-    All frames are walked in lockstep, one segment per step, so a batch costs ~10 numpy steps (a
-    header has ~10 segments), not a Python loop per frame.
-    """
-    starts, sizes = np.asarray(starts, np.int64), np.asarray(sizes, np.int64)
-    ends = starts + sizes
-    ok, has_frame = np.zeros(len(starts), bool), np.zeros(len(starts), bool)
-    safe = np.where(sizes >= 4, starts, 0)  # indices that stay inside the buffer
-    alive = (sizes >= 4) & (buffer[safe] == 0xFF) & (buffer[safe + 1] == 0xD8)
-    at = starts + 2
-    while (index := np.flatnonzero(alive)).size:
-        pos = at[index]
-        inside = pos + 4 <= ends[index]
-        pos = np.where(inside, pos, 0)
-        marker = buffer[pos + 1]
-        valid = inside & (buffer[pos] == 0xFF) & ~np.isin(marker, (0x00, 0xD8, 0xD9))
-        scan = valid & (marker == 0xDA)
-        ok[index[scan]] = has_frame[index[scan]]
-        has_frame[index] |= valid & np.isin(marker, _SOF_MARKERS)
-        length = buffer[pos + 2].astype(np.int64) << 8 | buffer[pos + 3]
-        step = np.where(marker == 0xFF, 1, np.where(np.isin(marker, _STANDALONE_MARKERS), 2, 2 + length))
-        at[index] = pos + step
-        alive[index] = valid & ~scan
-    return ok
 
 
 def _frame_spans(ranges: np.ndarray) -> tuple[list, list]:

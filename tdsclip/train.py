@@ -150,7 +150,7 @@ class Trainer:
 
     def fit(self) -> None:
         """Train from self.state to the last epoch, validating and checkpointing each epoch."""
-        if self.state.validation_due:  # the run stopped while validating the epoch before
+        if self.state.validation_due and self.state.batch_in_epoch == 0:  # stopped while validating
             self._end_epoch(self.state.epoch - 1)
         for epoch in range(self.state.epoch, self.epochs):
             if self.state.batch_in_epoch == 0:
@@ -161,7 +161,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int) -> None:
         """Validate after `epoch` (when due) and checkpoint."""
-        is_best = False
+        is_best, self.state.validation_due = False, False  # a resume may have changed what is due
         if self.val_loader is not None and self._validates(epoch):
             self.state.validation_due = True
             self._save()  # the epoch's training survives a validation that fails (bad shard, OOM); resume redoes it

@@ -322,8 +322,8 @@ def test_resume_mid_epoch_and_at_epoch_boundary(frame_shards, randaugment):
         assert got["key"] == want["key"] and torch.equal(got["clips"], want["clips"])
 
 
-def _corrupt(directory: Path, key: str, frame: int, start: int = 0, stop: int | None = None) -> None:
-    """Zero bytes [start, stop) of one frame in its shard (all of it by default)."""
+def _corrupt(directory: Path, key: str, frame: int, start: int = 0, stop: int | None = None, fill: int = 0) -> None:
+    """Overwrite bytes [start, stop) of one frame in its shard (all of it by default) with `fill`."""
     index = json.loads(next(p for p in directory.glob("*.index.json")
                             if key in p.read_text()).read_text())
     entry = next(s for s in index["samples"] if s["key"] == key)
@@ -331,15 +331,18 @@ def _corrupt(directory: Path, key: str, frame: int, start: int = 0, stop: int | 
     stop = size if stop is None else stop
     with open(directory / index["tar"], "r+b") as tar:
         tar.seek(offset + start)
-        tar.write(b"\x00" * (stop - start))
+        tar.write(bytes([fill]) * (stop - start))
 
 
-@pytest.fixture(params=["zeroed", "header"])
+@pytest.fixture(params=["zeroed", "header", "junk"])
 def broken_shards(tmp_path, request):
-    """v002's frames zeroed, or only their headers (the start-of-image marker kept)."""
+    """v002's frames zeroed, or only their headers (the start-of-image marker kept), or with an APP0
+    length of 2, which leaves its payload where the next marker should be (PIL skips such junk, the
+    source's header check does not: the re-check must agree with the source)."""
     write_shards(tmp_path, "test", indexed_videos(4, frames=6))
+    damage = {"zeroed": (0, None), "header": (2, 200), "junk": (5, 6, 0x02)}[request.param]
     for frame in range(6):
-        _corrupt(tmp_path, "v002", frame, *((0, None) if request.param == "zeroed" else (2, 200)))
+        _corrupt(tmp_path, "v002", frame, *damage)
     return tmp_path
 
 
@@ -441,7 +444,7 @@ def test_one_tar_path_and_bad_arguments(frame_shards):
 
 
 def test_jpeg_header_check():
-    from pipelines.source import jpeg_headers_ok
+    from pipelines.reader import jpeg_headers_ok
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8))
     frames = {}
@@ -460,7 +463,9 @@ def test_jpeg_header_check():
                                                                                              jpeg[202:]]),
                    "cut before the scan": jpeg[:sos], "zeros after SOI": np.concatenate([jpeg[:3], np.zeros(9, np.uint8)]),
                    "cut inside SOI": jpeg[:3]})
+    frames["fill bytes without end"] = np.concatenate([jpeg[:2], np.full(5000, 0xFF, np.uint8)])
     names = list(frames)
+    assert not jpeg_headers_ok(np.empty(0, np.uint8), [0], [0]).any()
     for order in (names, names[::-1]):  # one buffer, frames back to back: none may read into the next
         sizes = np.array([len(frames[n]) for n in order])
         ok = jpeg_headers_ok(np.concatenate([frames[n] for n in order]), np.cumsum(sizes) - sizes, sizes)

@@ -175,6 +175,20 @@ def test_a_failing_validation_keeps_the_trained_epoch(tmp_path):
     assert not resumed.checkpointer.load_last()["validation_due"]
 
 
+def test_a_redone_validation_no_longer_due_clears_the_flag(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3)
+    trainer.val_loader = FakeLoader(num_batches=2, crash_at=(0, 1))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    resumed = make_trainer(tmp_path, epochs=3, checkpoint_every=1, loader=FakeLoader(crash_at=(1, 3)))
+    resumed.skip_epochs = [0]  # the resume no longer validates after epoch 1
+    resumed.restore(resumed.checkpointer.load_last())
+    with pytest.raises(KeyboardInterrupt):
+        resumed.fit()
+    last = resumed.checkpointer.load_last()
+    assert last["batch_in_epoch"] > 0 and not last["validation_due"]  # a mid-epoch state owes no validation
+
+
 def test_resume_on_other_data_is_a_checkpoint_error(tmp_path):
     make_trainer(tmp_path, epochs=1).fit()
     other = make_trainer(tmp_path, epochs=1)

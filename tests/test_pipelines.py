@@ -470,3 +470,20 @@ def test_jpeg_header_check():
         sizes = np.array([len(frames[n]) for n in order])
         ok = jpeg_headers_ok(np.concatenate([frames[n] for n in order]), np.cumsum(sizes) - sizes, sizes)
         assert dict(zip(order, ok.tolist())) == {n: i < good for i, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_damaged_video_shard_names_or_skips_the_sample(tmp_path, on_error):
+    write_shards(tmp_path, "test", indexed_videos(4, frames=12), layout="video")
+    index = json.loads(next(p for p in tmp_path.glob("*.index.json") if "v002" in p.read_text()).read_text())
+    offset, size = next(s for s in index["samples"] if s["key"] == "v002")["video"]
+    with open(tmp_path / index["tar"], "r+b") as tar:  # the middle of the WebM: the frames' data
+        tar.seek(offset + size // 2)
+        tar.write(b"\x00" * (size // 4))
+    data = pipelines.loader(tmp_path, "test", 4, num_segments=8, num_threads=1, on_error=on_error, **SIZE)
+    if on_error == "raise":
+        with pytest.raises(pipelines.ShardReadError, match=r"sample 'v002': decode failed"):
+            list(data)
+    else:
+        valid = [k for b in data for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
+        assert valid == ["v000", "v001", "v003"] and [s.rsplit(":", 1)[1] for s in data.skipped] == ["v002"]

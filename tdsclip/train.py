@@ -135,6 +135,10 @@ class Trainer:
                 raise CheckpointError(f"{error}: the training data differ from the checkpoint's; resume on the "
                                       f"same shards, or start a new run") from None
         else:
+            saved, mine = checkpoint["data"][0].get("num_videos"), self.train_loader.state_dict().get("num_videos")
+            if saved != mine:
+                raise CheckpointError(f"the checkpoint was trained on {saved} videos, the training data now has "
+                                      f"{mine}: resume on the same shards, or start a new run")
             if self.state.batch_in_epoch:
                 raise CheckpointError(f"the checkpoint was written mid-epoch by {checkpoint['world_size']} "
                                       f"processes and this run has {self.world.world_size}: resume with the same "

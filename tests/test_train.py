@@ -199,6 +199,11 @@ def test_resume_on_other_data_is_a_checkpoint_error(tmp_path):
     other.train_loader.load_state_dict = refuse
     with pytest.raises(CheckpointError, match="num_videos 12 .*: the training data differ"):
         other.restore(other.checkpointer.load_last())
+    checkpoint = other.checkpointer.load_last()  # the same, written by 2 processes: the loader state is not loaded
+    checkpoint["world_size"], checkpoint["data"] = 2, [{"num_videos": 12}, {"num_videos": 12}]
+    other.train_loader.state_dict = lambda: {"num_videos": 15}
+    with pytest.raises(CheckpointError, match="trained on 12 videos, the training data now has 15"):
+        other.restore(checkpoint)
 
 
 def test_skipped_samples_are_named_once(tmp_path, capsys):

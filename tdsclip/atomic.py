@@ -1,12 +1,14 @@
 """Atomic file writes: a reader sees the old file or the new one, never a torn one.
 
 The content goes to a temporary file in the same directory, is flushed to disk, then renamed over
-the target (atomic on POSIX). A failure mid-write leaves the old file and no temporary behind.
+the target (atomic on POSIX), and the directory is synced so the rename itself survives a power
+loss. A failure mid-write leaves the old file and no temporary behind.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -24,8 +26,39 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> None:
+    """Make `path` hold what `source` holds now, atomically: a hard link where the file system allows
+    one (no bytes copied; safe because every write here replaces files rather than changing them),
+    a copy otherwise."""
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.link{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links here (some network or FAT file systems)
+        def copy(f: BinaryIO) -> None:
+            with source.open("rb") as src:
+                shutil.copyfileobj(src, f)
+        atomic_write(path, copy)
+        return
+    try:
+        os.replace(tmp, path)
+        _sync_directory(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

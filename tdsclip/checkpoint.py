@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdsclip.atomic import atomic_save
+from tdsclip.atomic import atomic_copy, atomic_save
 from tdsclip.weights import FORMAT, CheckpointError, read_checkpoint_file
 
 
@@ -60,8 +60,8 @@ class Checkpointer:
         if self.rank != 0:
             return
         atomic_save(checkpoint, self.last_path)
-        if best:
-            atomic_save(checkpoint, self.best_path)
+        if best:  # the same bytes: link (or copy) last.pt rather than serializing the state again
+            atomic_copy(self.last_path, self.best_path)
 
     def load_last(self) -> dict | None:
         """The last checkpoint, or None when the directory has none."""

@@ -149,6 +149,20 @@ def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary left behind
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "copy"])
+def test_best_keeps_its_epoch_while_last_moves_on(tmp_path, monkeypatch, links):
+    if not links:
+        monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("no links here")))
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save({"epoch": 1}, best=True)
+    checkpointer.save({"epoch": 2})
+    assert torch.load(tmp_path / "best.pt")["epoch"] == 1
+    assert torch.load(tmp_path / "last.pt")["epoch"] == 2
+    checkpointer.save({"epoch": 3}, best=True)
+    assert torch.load(tmp_path / "best.pt")["epoch"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]  # no temporary left behind
+
+
 def test_load_last_names_a_damaged_or_foreign_file(tmp_path):
     checkpointer = Checkpointer(tmp_path)
     assert checkpointer.load_last() is None

@@ -158,8 +158,19 @@ def _as_shift(translate, axis: int, shape: tuple[int, int]):
                         mag_to_param=start, name=translate.name)
 
 
+def posterize_bits(magnitude_bin: int) -> int:
+    """Bits timm's increasing posterize ("inc1", the official setting) keeps at a magnitude bin:
+    4 - int(level / 10 * 4), level = bin / RA_BINS_PER_UNIT; 2 bits at m=7 (DALI's own keeps 5)."""
+    return 4 - (int(magnitude_bin) * 4) // (RA_NUM_BINS - 1)
+
+
+def _posterize_mask(magnitude_bin) -> np.ndarray:
+    return np.uint8((0xFF << (8 - posterize_bits(magnitude_bin))) & 0xFF)  # keep the top bits
+
+
 def _rand_augment_suite(shape: tuple[int, int]):
-    """DALI's RandAugment suite for frames of `shape` (H, W), translations done as whole-pixel shifts."""
+    """DALI's RandAugment suite for frames of `shape` (H, W): translations done as whole-pixel shifts,
+    posterize at timm's increasing strength."""
     from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
 
     suite = dali_rand_augment.get_rand_augment_suite(use_shape=True)
@@ -168,6 +179,10 @@ def _rand_augment_suite(shape: tuple[int, int]):
         raise RuntimeError(f"DALI's RandAugment suite changed: {names}, expected {RA_OPS}")
     for axis, name in ((1, "translate_x"), (0, "translate_y")):
         suite[RA_OPS.index(name)] = _as_shift(suite[RA_OPS.index(name)], axis, shape)
+    posterize = RA_OPS.index("posterize")
+    # The magnitudes handed to the mask are the bin numbers themselves: exact integer arithmetic.
+    suite[posterize] = suite[posterize].augmentation(mag_range=np.arange(RA_NUM_BINS), randomly_negate=False,
+                                                     mag_to_param=_posterize_mask)
     return suite
 
 

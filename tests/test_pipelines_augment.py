@@ -105,3 +105,28 @@ def test_randaugment_translate_is_dalis_translate_in_whole_pixels(name):
     shifted, warped = (np.stack([np.asarray(s) for s in out]) for out in pipe.run())
     np.testing.assert_array_equal(shifted, warped)
     assert (shifted[-2] != image).any() and (shifted[-2] == 128).any()  # the largest shift moves and pads
+
+
+def test_randaugment_posterize_keeps_timms_increasing_bits():
+    """Official inc1 posterize: 4 - int(m/10*4) bits, applied as PIL's ImageOps.posterize, per bin."""
+    from nvidia.dali import fn, pipeline_def
+    from PIL import Image, ImageOps
+
+    assert [augment.posterize_bits(b) for b in (0, 24, 25, 70, 74, 75, 99, 100)] == [4, 4, 3, 2, 2, 1, 1, 0]
+    ours = augment._rand_augment_suite((8, 8))[augment.RA_OPS.index("posterize")]
+    image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    bins = np.arange(augment.RA_NUM_BINS, dtype=np.int32)
+
+    @pipeline_def(batch_size=len(bins), num_threads=1, device_id=None)
+    def posterized():
+        images = fn.external_source(source=lambda: [image] * len(bins), batch=True, layout="HWC")
+        magnitude = fn.external_source(source=lambda: list(bins), batch=True)
+        return ours(images, magnitude_bin=magnitude, num_magnitude_bins=augment.RA_NUM_BINS)
+
+    pipe = posterized()
+    pipe.build()
+    (out,) = pipe.run()
+    for b, got in zip(bins, out):
+        bits = augment.posterize_bits(b)  # 0 only at m=10: black, as PIL did before it refused 0 bits
+        expected = np.asarray(ImageOps.posterize(Image.fromarray(image), bits)) if bits else np.zeros_like(image)
+        np.testing.assert_array_equal(np.asarray(got), expected, err_msg=f"bin {b}")

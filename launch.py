@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def loader_options(config: RunConfig, world: World, image_size: int) -> dict:
     data = config.data
-    return dict(rank=world.rank, world_size=world.world_size, seed=config.seed, image_size=image_size,
-                resize=tuple(data.resize) if isinstance(data.resize, list) else data.resize,
+    return dict(rank=world.rank, world_size=world.world_size, seed=config.seed, sampling=data.sampling,
+                image_size=image_size, resize=tuple(data.resize) if isinstance(data.resize, list) else data.resize,
                 num_threads=data.num_threads, on_error=data.on_error)
 
 
@@ -110,7 +110,7 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
     per_device, accum = derive_batch(data.global_batch_size, world.world_size, data.max_device_batch_size)
     log.info(f"batch: {data.global_batch_size} videos per step = {world.world_size} processes x "
              f"{per_device} per device x {accum} accumulation steps (x{data.num_sample} views each); "
-             f"{precision}, torch.compile {'on' if use_compile else 'off'}, device {world.device}")
+             f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, device {world.device}")
     train_loader, val_loader = build_loaders(config, world, mcfg, per_device)
     train_model = eval_model = model
     if world.distributed:
@@ -137,8 +137,8 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
         schedule=WarmupCosineSchedule(optimizer, epochs=schedule.epochs, warmup_epochs=schedule.warmup_epochs,
                                       final_factor=schedule.final_factor),
         checkpointer=Checkpointer(config.output_dir, rank=world.rank), metrics=log, world=world,
-        epochs=schedule.epochs, accum_steps=accum, precision=precision, label_smoothing=optim.label_smoothing,
-        mixup=mixup, grad_clip=optim.grad_clip, log_every=config.logging.log_every,
+        epochs=schedule.epochs, accum_steps=accum, precision=precision, eval_precision=config.eval.precision,
+        label_smoothing=optim.label_smoothing, mixup=mixup, grad_clip=optim.grad_clip, log_every=config.logging.log_every,
         checkpoint_every=config.checkpoint.every_steps, eval_every=config.eval.every_epochs,
         skip_epochs=config.eval.skip_epochs, save_best=config.checkpoint.save_best, config=config_to_dict(config),
         flops_per_clip=train_flops_per_clip(model, clip_shape, world.device) if peak else None, peak_tflops=peak,
@@ -194,7 +194,6 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     model = tdsclip.load_model(args.weights, num_segments=config.model.num_segments).to(world.device)
     crops = args.test_crops or config.eval.test_crops
     clips = args.test_clips or config.eval.test_clips
-    precision = resolve_precision(config, world)
     tars = shard_paths(config.data.shards, config.data.test_split)
     loader = pipelines.loader(tars, "test", config.data.eval_batch_size, model.config.num_segments,
                               **loader_options(config, world, model.config.image_size),
@@ -202,7 +201,7 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     check_labels(loader, model.config.num_classes, f"split {config.data.test_split!r} of {config.data.shards}",
                  f"the weights {args.weights} were trained for fewer classes; check --weights and data.test_split")
     result = evaluate(model, loader, views=crops * clips, num_classes=model.config.num_classes,
-                      device=world.device, precision=precision, keep_predictions=True)
+                      device=world.device, precision=config.eval.precision, keep_predictions=True)
     skipped = sorted(key for keys in all_gather_objects(loader.skipped) for key in keys)
     result.update(weights=str(args.weights), test_crops=crops, test_clips=clips, skipped=skipped)
     if skipped:

@@ -26,7 +26,8 @@ GPU_PY_WORKERS = 4
 
 def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_segments: int = 8, *,
            rank: int = 0, world_size: int = 1, seed: int = 0, device: str | torch.device | None = None,
-           dtype: torch.dtype = torch.float32, image_size: int = 224, resize: int | tuple[int, int] = 256,
+           dtype: torch.dtype = torch.float32, sampling: str = "something", image_size: int = 224,
+           resize: int | tuple[int, int] = 256,
            num_sample: int = 1, flip: str = "none", flip_label_map: dict[int, int] | None = None,
            grayscale_prob: float = 0.0, randaugment: str | None = None, test_crops: int = 1,
            test_clips: int = 1, num_threads: int | None = None, on_error: str = "raise",
@@ -39,6 +40,8 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
         rank, world_size: this process's share of the data (see Loader).
         device: where batches land; None picks "cuda" when available, else "cpu". On CUDA the
             JPEG/video decode and all augmentation run on that GPU (DALI "mixed" backend).
+        sampling: which official frame choice to follow (pipelines.sampling): "something"
+            (Something-Something, the default) or "kinetics" (Kinetics and other datasets).
         resize: short side of the official scaled frame, or an exact (H, W) like (256, 320).
         flip: "none", "plain" (p=0.5) or "swap" (p=0.5, labels swapped by flip_label_map,
             default the Something-Something v2 left/right pairs).
@@ -54,8 +57,8 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
         hw_decoder_load: share of JPEGs that the GPU's hardware JPEG engines decode (DALI's
             `hw_decoder_load`, mixed decoder only); None keeps DALI's default (0.65).
     """
-    spec = ClipSpec(split=split, num_segments=num_segments, image_size=image_size, resize=resize,
-                    num_sample=num_sample, flip=flip, flip_label_map=flip_label_map,
+    spec = ClipSpec(split=split, num_segments=num_segments, sampling_scheme=sampling, image_size=image_size,
+                    resize=resize, num_sample=num_sample, flip=flip, flip_label_map=flip_label_map,
                     grayscale_prob=grayscale_prob, test_crops=test_crops, test_clips=test_clips,
                     randaugment=augment.parse_randaugment(randaugment) if randaugment and split == "train" else None)
     one_tar = isinstance(shards, (str, os.PathLike)) and str(shards).endswith(".tar")

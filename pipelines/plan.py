@@ -27,6 +27,7 @@ class ClipSpec:
 
     split: str
     num_segments: int = 8
+    sampling_scheme: str = "something"  # sampling.SCHEMES: the official dataset class whose frame choice to follow
     image_size: int = 224
     resize: int | tuple[int, int] = 256
     num_sample: int = 1
@@ -40,6 +41,8 @@ class ClipSpec:
     def __post_init__(self):
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.sampling_scheme not in sampling.SCHEMES:
+            raise ValueError(f"sampling must be one of {sampling.SCHEMES}, got {self.sampling_scheme!r}")
         if self.flip not in FLIPS:
             raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
         for name in ("num_segments", "image_size", "num_sample", "test_clips"):
@@ -268,13 +271,8 @@ def _replace_skipped(rows, valid, num_videos, skipped, train):
 
 
 def _plan_video(plan: EpochPlan, r: int, sample: Sample, spec: ClipSpec, rng: np.random.Generator) -> None:
-    n, t = sample.num_frames, spec.num_segments
-    if spec.train:
-        centres = sampling.train_centres(n, t, rng)[None]  # (1, T)
-    elif spec.split == "val":
-        centres = sampling.val_centres(n, t)[None]
-    else:
-        centres = sampling.test_centres(n, t, spec.num_clips)  # (K, T)
+    n = sample.num_frames
+    centres = sampling.clip_centres(spec.sampling_scheme, spec.split, n, spec.num_segments, spec.num_clips, rng)  # (K, T)
     plan.frames[r] = sampling.window(centres, n).reshape(-1)  # (K*T*5,)
     stored = (sample.height, sample.width)
     scaled = augment.scaled_size(*stored, spec.resize)

@@ -1,13 +1,37 @@
-"""Which frames a clip uses: TSN segment centres and the 5-frame temporal-difference window.
+"""Which frames a clip uses: segment centres and the 5-frame temporal-difference window.
 
 Official TDS-CLIP semantics, 0-based, for a video of n frames cut into T segments of
 M = 5 consecutive frames each (pure numpy; no I/O). A clip is a (T, M) array of frame
 indices; a test sample with K clips is a (K, T, M) array.
+
+The official code samples with one of two dataset classes, and so do we (`SCHEMES`):
+"something" (datasets/sth.py: TSN ticks for training, segment middles for val/test) and
+"kinetics" (datasets/kinetics.py, used for every dataset whose name lacks "something":
+a random frame of each rounded segment for training, segment starts for val, evenly spread
+starts for K test clips).
 """
 
 import numpy as np
 
 FRAMES_PER_SEGMENT = 5
+SCHEMES = ("something", "kinetics")
+
+
+def clip_centres(scheme: str, split: str, num_frames: int, num_segments: int, num_clips: int = 1,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+    """Segment centres of one video, shape (K, T): K = num_clips in test, else 1.
+
+    `rng` draws the training centres; val and test are deterministic.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"sampling must be one of {SCHEMES}, got {scheme!r}")
+    kinetics = scheme == "kinetics"
+    if split == "train":
+        draw = kinetics_train_centres if kinetics else train_centres
+        return draw(num_frames, num_segments, rng)[None]
+    if split == "val":
+        return (kinetics_val_centres if kinetics else val_centres)(num_frames, num_segments)[None]
+    return (kinetics_test_centres if kinetics else test_centres)(num_frames, num_segments, num_clips)
 
 
 def train_centres(num_frames: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
@@ -40,6 +64,31 @@ def test_centres(num_frames: int, num_segments: int, num_clips: int) -> np.ndarr
     starts = np.round(seg * np.arange(t)).astype(np.int64)  # (T,)
     shifts = np.array([int(seg / (num_clips + 1) * (k + 1)) for k in range(num_clips)])  # (K,)
     return shifts[:, None] + starts[None, :]
+
+
+def kinetics_train_centres(num_frames: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:
+    """Random centres for training, shape (T,): uniform in [round(seg*i), round(seg*(i+1))], both
+    ends included, seg = (n-1)/T (adjacent segments share their boundary frame, as official)."""
+    n, t = _check(num_frames, num_segments)
+    bounds = np.round((n - 1) / t * np.arange(t + 1)).astype(np.int64)  # (T+1,)
+    return bounds[:-1] + rng.integers(0, bounds[1:] - bounds[:-1] + 1)
+
+
+def kinetics_val_centres(num_frames: int, num_segments: int) -> np.ndarray:
+    """Deterministic centres for validation, shape (T,): the segment starts int(i*n/T)."""
+    n, t = _check(num_frames, num_segments)
+    return np.array([int(n / t * i) % n for i in range(t)], dtype=np.int64)
+
+
+def kinetics_test_centres(num_frames: int, num_segments: int, num_clips: int) -> np.ndarray:
+    """Centres of K test clips, shape (K, T): int(start_k + i*n/T) with the K starts spread evenly over
+    the first segment (numpy's integer linspace from 0 to n/T - 1, as official)."""
+    n, t = _check(num_frames, num_segments)
+    if num_clips < 1:
+        raise ValueError(f"test_clips must be >= 1, got {num_clips}")
+    tick = n / t
+    starts = np.linspace(0, tick - 1, num=num_clips, dtype=int)  # (K,)
+    return np.array([[int(start + tick * i) % n for i in range(t)] for start in starts.tolist()], dtype=np.int64)
 
 
 def window(centres: np.ndarray, num_frames: int, length: int = FRAMES_PER_SEGMENT) -> np.ndarray:

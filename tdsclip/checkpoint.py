@@ -5,7 +5,7 @@ model part): {"format": "tdsclip", "version": 1, "model_config", "model"} plus t
 "optimizer", "schedule", "epoch", "step", "batch_in_epoch", "best_top1", "best_epoch",
 "validation_due", "world_size", "rng" and "data" (per rank) and the resolved "config". Files are
 written to a temporary name in the same directory and renamed, so a crash mid-write never leaves a
-truncated last.pt.
+truncated last.pt; best.pt is a hard link to (or copy of) the last.pt it was.
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ class DataSection:
     max_device_batch_size: int = 16  # micro-batch cap per device; the rest is gradient accumulation
     eval_batch_size: int = 16  # videos per device per eval batch
     num_sample: int = 2  # augmented views of each training video (repeated augmentation)
+    sampling: Literal["something", "kinetics"] = "something"  # which official dataset class picks the frames
     resize: int | list[int] = 256  # short side, or [H, W] (Something-Something: [256, 320])
     flip: Literal["none", "plain", "swap"] = "plain"
     flip_label_map: dict[int, int] | None = None
@@ -142,6 +143,7 @@ class EvalSection:
     skip_epochs: list[int] = field(default_factory=list)  # 0-based epochs with no validation (official)
     test_crops: Literal[1, 3, 5, 10] = 1
     test_clips: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"  # validation and test; fp32 as the official code, bf16 is faster
 
     def __post_init__(self) -> None:
         _check(self.every_epochs > 0, "eval.every_epochs", "must be greater than 0")

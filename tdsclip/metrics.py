@@ -3,7 +3,7 @@
 Scalars (tag: meaning): train/loss, train/lr, train/clips_per_s (global), train/step_time_s,
 train/data_wait_frac (time blocked on the pipeline / step time), sys/peak_device_mem_gib,
 sys/host_rss_gib, train/mfu (GPU only), val/top1, val/top5, test/top1, test/top5,
-test/mean_class_acc.
+test/mean_class_acc, data/skipped (samples left out after read errors).
 """
 
 from __future__ import annotations

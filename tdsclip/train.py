@@ -80,7 +80,8 @@ class Trainer:
     world: World
     epochs: int
     accum_steps: int = 1
-    precision: str = "fp32"
+    precision: str = "fp32"  # training step
+    eval_precision: str = "fp32"  # validation
     label_smoothing: float = 0.0
     mixup: Callable | None = None  # (clips, labels) -> (clips, soft targets)
     grad_clip: float | None = None
@@ -170,7 +171,7 @@ class Trainer:
             self.state.validation_due = True
             self._save()  # the epoch's training survives a validation that fails (bad shard, OOM); resume redoes it
             result = evaluate(self.eval_model, self.val_loader, views=1, num_classes=self.model.config.num_classes,
-                              device=self.world.device, precision=self.precision)
+                              device=self.world.device, precision=self.eval_precision)
             self.val_loader.close()  # its prefetched batches and decode buffers are not needed until next time
             self.state.validation_due = False
             self.metrics.log(self.state.step, {"val/top1": result["top1"], "val/top5": result["top5"]})

@@ -143,12 +143,13 @@ def test_test_split_views_adjacent_expected_frames_and_valid(frame_shards):
     assert (labels == torch.tensor([i % 3 for i in range(5)])[:, None]).all()
 
 
-def test_val_uses_val_centres_and_one_view(frame_shards):
+@pytest.mark.parametrize("scheme", sampling.SCHEMES)
+def test_val_uses_the_schemes_val_centres_and_one_view(frame_shards, scheme):
     data = pipelines.loader([str(p) for p in sorted(frame_shards.glob("test-*.tar"))], "val", batch_size=4,
-                            num_segments=8, num_threads=1, **SIZE)
+                            num_segments=8, sampling=scheme, num_threads=1, **SIZE)
     batch = next(iter(data))
     assert batch["clips"].shape == (4, 8, 5, 3, 16, 16)
-    expected = sampling.window(sampling.val_centres(30, 8), 30)
+    expected = sampling.window(sampling.clip_centres(scheme, "val", 30, 8)[0], 30)
     for got in decoded_indices(batch["clips"]):
         np.testing.assert_array_equal(got, expected)
 

@@ -1,4 +1,4 @@
-"""TSN segment centres and the 5-frame window (official semantics, 0-based)."""
+"""Segment centres of both official schemes and the 5-frame window (official semantics, 0-based)."""
 
 import numpy as np
 import pytest
@@ -49,3 +49,42 @@ def test_window_clamps_at_both_ends():
 def test_bad_arguments_name_the_problem(bad):
     with pytest.raises(ValueError, match="num_frames|num_segments"):
         sampling.val_centres(**bad)
+
+
+def test_kinetics_val_and_test_centres_are_the_official_segment_starts():
+    # n=300, T=8: tick 37.5; val int(37.5*i); 4 test clips start at linspace(0, 36.5, 4) -> 0, 12, 24, 36
+    val = [0, 37, 75, 112, 150, 187, 225, 262]
+    np.testing.assert_array_equal(sampling.kinetics_val_centres(300, 8), val)
+    test = sampling.kinetics_test_centres(300, 8, 4)
+    np.testing.assert_array_equal(test[:, 0], [0, 12, 24, 36])
+    np.testing.assert_array_equal(test[1], [12, 49, 87, 124, 162, 199, 237, 274])
+    np.testing.assert_array_equal(test[0], val)
+
+
+def test_kinetics_train_centres_cover_each_rounded_segment_with_both_ends():
+    # n=30, T=4: seg 7.25, bounds round(7.25*i) = 0, 7, 14, 22, 29; segment i draws from [b_i, b_{i+1}]
+    rng = np.random.default_rng(2)
+    bounds = [0, 7, 14, 22, 29]
+    seen = [set() for _ in range(4)]
+    for _ in range(600):
+        for i, c in enumerate(sampling.kinetics_train_centres(30, 4, rng)):
+            seen[i].add(int(c))
+    assert seen == [set(range(bounds[i], bounds[i + 1] + 1)) for i in range(4)]
+
+
+@pytest.mark.parametrize("num_frames", [1, 3, 8, 30, 301])
+def test_kinetics_short_videos_stay_in_range(num_frames):
+    rng = np.random.default_rng(3)
+    for centres in (sampling.kinetics_train_centres(num_frames, 8, rng), sampling.kinetics_val_centres(num_frames, 8),
+                    sampling.kinetics_test_centres(num_frames, 8, 3)):
+        assert centres.min() >= 0 and centres.max() < num_frames
+
+
+def test_clip_centres_picks_the_scheme_and_split():
+    rng = np.random.default_rng(4)
+    np.testing.assert_array_equal(sampling.clip_centres("kinetics", "val", 300, 8), [sampling.kinetics_val_centres(300, 8)])
+    np.testing.assert_array_equal(sampling.clip_centres("something", "val", 300, 8), [sampling.val_centres(300, 8)])
+    assert sampling.clip_centres("kinetics", "test", 300, 8, 3).shape == (3, 8)
+    assert sampling.clip_centres("something", "train", 300, 8, rng=rng).shape == (1, 8)
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        sampling.clip_centres("tsn", "val", 300, 8)

@@ -338,3 +338,15 @@ def test_tensorboard_scalars_read_back(tmp_path):
     assert [e.value for e in losses] == pytest.approx([h["loss"] for h in trainer.history])
     assert all(0 <= e.value <= 1 for e in events.Scalars("train/data_wait_frac"))
     assert all(e.value > 0 for e in events.Scalars("train/clips_per_s"))
+
+
+def test_validation_runs_at_eval_precision_not_the_training_one(tmp_path, monkeypatch):
+    import tdsclip.train as train_module
+
+    seen = []
+    real = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **kw: seen.append(kw["precision"]) or real(*a, **kw))
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.precision, trainer.eval_precision = "bf16", "fp32"
+    trainer.fit()
+    assert seen == ["fp32"]

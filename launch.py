@@ -48,17 +48,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def loader_options(config: RunConfig, world: World, image_size: int) -> dict:
+def loader_options(config: RunConfig, world: World, model_config: tdsclip.ModelConfig) -> dict:
+    """The pipeline options train, val and test share: this rank, the model's clip geometry, data.*."""
     data = config.data
     return dict(rank=world.rank, world_size=world.world_size, seed=config.seed, sampling=data.sampling,
-                image_size=image_size, resize=tuple(data.resize) if isinstance(data.resize, list) else data.resize,
+                frames_per_segment=model_config.frames_per_segment, image_size=model_config.image_size,
+                resize=tuple(data.resize) if isinstance(data.resize, list) else data.resize,
                 num_threads=data.num_threads, on_error=data.on_error)
 
 
-def build_loaders(config: RunConfig, world: World, model_config, batch_size: int) -> tuple:
+def build_loaders(config: RunConfig, world: World, model_config: tdsclip.ModelConfig, batch_size: int) -> tuple:
     """The train and val pipelines of this rank (manifests named by data.train_split / data.val_split)."""
     data, segments = config.data, model_config.num_segments
-    options = loader_options(config, world, model_config.image_size)
+    options = loader_options(config, world, model_config)
     train = pipelines.loader(shard_paths(data.shards, data.train_split), "train", batch_size, segments, **options,
                              num_sample=data.num_sample, flip=data.flip, flip_label_map=data.flip_label_map,
                              grayscale_prob=data.grayscale_prob, randaugment=data.randaugment)
@@ -196,7 +198,7 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     clips = args.test_clips or config.eval.test_clips
     tars = shard_paths(config.data.shards, config.data.test_split)
     loader = pipelines.loader(tars, "test", config.data.eval_batch_size, model.config.num_segments,
-                              **loader_options(config, world, model.config.image_size),
+                              **loader_options(config, world, model.config),
                               test_crops=crops, test_clips=clips)
     check_labels(loader, model.config.num_classes, f"split {config.data.test_split!r} of {config.data.shards}",
                  f"the weights {args.weights} were trained for fewer classes; check --weights and data.test_split")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from nvidia.dali import types
 
 from pipelines import augment
@@ -25,9 +26,9 @@ GPU_PY_WORKERS = 4
 
 
 def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_segments: int = 8, *,
-           rank: int = 0, world_size: int = 1, seed: int = 0, device: str | torch.device | None = None,
-           dtype: torch.dtype = torch.float32, sampling: str = "something", image_size: int = 224,
-           resize: int | tuple[int, int] = 256,
+           frames_per_segment: int = 5, rank: int = 0, world_size: int = 1, seed: int = 0,
+           device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+           sampling: str = "something", image_size: int = 224, resize: int | tuple[int, int] = 256,
            num_sample: int = 1, flip: str = "none", flip_label_map: dict[int, int] | None = None,
            grayscale_prob: float = 0.0, randaugment: str | None = None, test_crops: int = 1,
            test_clips: int = 1, num_threads: int | None = None, on_error: str = "raise",
@@ -35,6 +36,8 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
     """A Loader over `split` of `shards` (a directory with `<split>.manifest.json`, a list of tars, or one tar).
 
     Args:
+        frames_per_segment: M, the temporal-difference window around each segment centre (the
+            model's frames_per_segment; official 5).
         batch_size: videos per batch on this rank; a batch holds batch_size * views clips, where
             views = num_sample (train), test_crops * test_clips (test) or 1 (val).
         rank, world_size: this process's share of the data (see Loader).
@@ -57,20 +60,21 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
         hw_decoder_load: share of JPEGs that the GPU's hardware JPEG engines decode (DALI's
             `hw_decoder_load`, mixed decoder only); None keeps DALI's default (0.65).
     """
-    spec = ClipSpec(split=split, num_segments=num_segments, sampling_scheme=sampling, image_size=image_size,
-                    resize=resize, num_sample=num_sample, flip=flip, flip_label_map=flip_label_map,
-                    grayscale_prob=grayscale_prob, test_crops=test_crops, test_clips=test_clips,
+    spec = ClipSpec(split=split, num_segments=num_segments, frames_per_segment=frames_per_segment,
+                    sampling_scheme=sampling, image_size=image_size, resize=resize, num_sample=num_sample,
+                    flip=flip, flip_label_map=flip_label_map, grayscale_prob=grayscale_prob,
+                    test_crops=test_crops, test_clips=test_clips,
                     randaugment=augment.parse_randaugment(randaugment) if randaugment and split == "train" else None)
     one_tar = isinstance(shards, (str, os.PathLike)) and str(shards).endswith(".tar")
-    return Loader([str(shards)] if one_tar else shard_paths(shards, split), spec, batch_size, rank=rank, world_size=world_size, seed=seed,
-                  device=device, dtype=dtype, num_threads=num_threads, on_error=on_error, py_workers=py_workers,
-                  hw_decoder_load=hw_decoder_load)
+    tars = [str(shards)] if one_tar else shard_paths(shards, split)
+    return Loader(tars, spec, batch_size, rank=rank, world_size=world_size, seed=seed, device=device, dtype=dtype,
+                  num_threads=num_threads, on_error=on_error, py_workers=py_workers, hw_decoder_load=hw_decoder_load)
 
 
 class Loader:
     """Iterable over the batches of one epoch of one rank.
 
-    Batches are dicts: `clips` (B, T, 5, 3, S, S) normalized, on `device`, in `dtype`; `label` (B,)
+    Batches are dicts: `clips` (B, T, M, 3, S, S) normalized, on `device`, in `dtype`; `label` (B,)
     int64 on `device`; `valid` (B,) bool on `device` (False on padding); `key` list of B str.
     A video's views are adjacent (view-major: crop/sample outer, temporal clip inner).
 
@@ -241,12 +245,10 @@ class Loader:
     def _assemble(self, outputs, plan: EpochPlan, batch_index: int) -> dict:
         rows = slice(batch_index * plan.batch_size, (batch_index + 1) * plan.batch_size)
         spec, size = self.spec, self.spec.image_size
-        views = _to_torch(outputs, self.device)  # (O, B*F, 3, S, S) or (O, B, F, 3, S, S)
-        # (O, B, K*T*5, 3, S, S) -> (B, O, K, T, 5, 3, S, S) -> (B*O*K, T, 5, 3, S, S)
-        views = views.view(spec.num_views, plan.batch_size, spec.num_clips, spec.num_segments, 5, 3, size, size)
-        if spec.num_views > 1:
-            views = views.transpose(0, 1)
-        clips = views.reshape(-1, spec.num_segments, 5, 3, size, size).to(self.dtype)
+        views = _to_torch(outputs, self.device)  # (O, B*F, 3, S, S) or (O, B, F, 3, S, S); F = K*T*M
+        views = views.view(spec.num_views, plan.batch_size, -1, 3, size, size)
+        clips = rearrange(views, "o b (k t m) c h w -> (b o k) t m c h w", k=spec.num_clips,
+                          t=spec.num_segments).to(self.dtype)  # a video's views adjacent, as evaluate() expects
         repeat = spec.num_clips
         labels = np.repeat(plan.label[rows], repeat, axis=1).reshape(-1)  # (B*O*K,)
         valid = np.repeat(plan.valid[rows], spec.num_views * repeat)

@@ -27,6 +27,7 @@ class ClipSpec:
 
     split: str
     num_segments: int = 8
+    frames_per_segment: int = sampling.FRAMES_PER_SEGMENT  # the temporal-difference window around each centre
     sampling_scheme: str = "something"  # sampling.SCHEMES: the official dataset class whose frame choice to follow
     image_size: int = 224
     resize: int | tuple[int, int] = 256
@@ -45,7 +46,7 @@ class ClipSpec:
             raise ValueError(f"sampling must be one of {sampling.SCHEMES}, got {self.sampling_scheme!r}")
         if self.flip not in FLIPS:
             raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
-        for name in ("num_segments", "image_size", "num_sample", "test_clips"):
+        for name in ("num_segments", "frames_per_segment", "image_size", "num_sample", "test_clips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.test_crops not in augment.TEST_CROPS:
@@ -72,7 +73,7 @@ class ClipSpec:
 
     @property
     def frames_per_video(self) -> int:
-        return self.num_clips * self.num_segments * sampling.FRAMES_PER_SEGMENT
+        return self.num_clips * self.num_segments * self.frames_per_segment
 
     @property
     def label_map(self) -> dict[int, int]:
@@ -273,7 +274,7 @@ def _replace_skipped(rows, valid, num_videos, skipped, train):
 def _plan_video(plan: EpochPlan, r: int, sample: Sample, spec: ClipSpec, rng: np.random.Generator) -> None:
     n = sample.num_frames
     centres = sampling.clip_centres(spec.sampling_scheme, spec.split, n, spec.num_segments, spec.num_clips, rng)  # (K, T)
-    plan.frames[r] = sampling.window(centres, n).reshape(-1)  # (K*T*5,)
+    plan.frames[r] = sampling.window(centres, n, spec.frames_per_segment).reshape(-1)  # (K*T*M,)
     stored = (sample.height, sample.width)
     scaled = augment.scaled_size(*stored, spec.resize)
     if spec.train:

@@ -102,6 +102,18 @@ def test_mixup_needs_an_even_device_batch(shards, tmp_path, capsys):
     assert "optim.mixup mixes pairs" in capsys.readouterr().err
 
 
+def test_loaders_follow_the_models_clip_geometry_and_data_sampling(shards, tmp_path):
+    from tdsclip.config import load_config
+    from tdsclip.distributed import World
+
+    config = load_config(ROOT / "configs/demo.yaml", overrides(shards, tmp_path, "model.frames_per_segment=3",
+                                                               "data.sampling=kinetics"))
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    train, val = launch.build_loaders(config, world, config.model.model_config(), batch_size=2)
+    assert next(iter(val))["clips"].shape == (4, 2, 3, 3, 16, 16)  # (B, T, M=3, 3, S, S)
+    assert train.spec.sampling_scheme == val.spec.sampling_scheme == "kinetics"
+
+
 def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0

@@ -488,3 +488,13 @@ def test_damaged_video_shard_names_or_skips_the_sample(tmp_path, on_error):
     else:
         valid = [k for b in data for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
         assert valid == ["v000", "v001", "v003"] and [s.rsplit(":", 1)[1] for s in data.skipped] == ["v002"]
+
+
+def test_frames_per_segment_sets_the_window(frame_shards):
+    data = pipelines.loader(sorted(map(str, frame_shards.glob("test-*.tar"))), "val", batch_size=2, num_segments=4,
+                            frames_per_segment=3, num_threads=1, **SIZE)
+    batch = next(iter(data))
+    assert batch["clips"].shape == (2, 4, 3, 3, 16, 16)
+    expected = sampling.window(sampling.val_centres(30, 4), 30, length=3)  # (T, 3)
+    for got in decoded_indices(batch["clips"]):
+        np.testing.assert_array_equal(got, expected)

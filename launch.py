@@ -36,15 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from output_dir/last.pt")
     parser.add_argument("--test", action="store_true", help="evaluate --weights multi-view, no training")
     parser.add_argument("--weights", help="checkpoint to test (this project's or an official TDS-CLIP one)")
-    parser.add_argument("--test-crops", type=int, choices=(1, 3, 5, 10), help="spatial crops per clip")
-    parser.add_argument("--test-clips", type=int, help="temporal clips per video")
+    parser.add_argument("--test-crops", type=int, help="spatial crops per video: 1, 3, 5 or 10 (sets eval.test_crops)")
+    parser.add_argument("--test-clips", type=int, help="temporal clips per video (sets eval.test_clips)")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
     if args.test and not args.weights:
         parser.error("--test needs --weights PATH")
     if args.weights and not args.test:
         parser.error("--weights is for --test; to continue a training run use --resume")
-    if args.test_clips is not None and args.test_clips < 1:
-        parser.error(f"--test-clips must be >= 1, got {args.test_clips}")
+    for flag in ("test_crops", "test_clips"):  # the config validates them and records them with the results
+        if getattr(args, flag) is not None:
+            args.overrides.append(f"eval.{flag}={getattr(args, flag)}")
     return args
 
 
@@ -194,15 +195,14 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
 
 def test(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
     model = tdsclip.load_model(args.weights, num_segments=config.model.num_segments).to(world.device)
-    crops = args.test_crops or config.eval.test_crops
-    clips = args.test_clips or config.eval.test_clips
+    crops, clips = config.eval.test_crops, config.eval.test_clips
     tars = shard_paths(config.data.shards, config.data.test_split)
     loader = pipelines.loader(tars, "test", config.data.eval_batch_size, model.config.num_segments,
                               **loader_options(config, world, model.config),
                               test_crops=crops, test_clips=clips)
     check_labels(loader, model.config.num_classes, f"split {config.data.test_split!r} of {config.data.shards}",
                  f"the weights {args.weights} were trained for fewer classes; check --weights and data.test_split")
-    result = evaluate(model, loader, views=crops * clips, num_classes=model.config.num_classes,
+    result = evaluate(model, loader, views=loader.views, num_classes=model.config.num_classes,
                       device=world.device, precision=config.eval.precision, keep_predictions=True)
     skipped = sorted(key for keys in all_gather_objects(loader.skipped) for key in keys)
     result.update(weights=str(args.weights), test_crops=crops, test_clips=clips, skipped=skipped)

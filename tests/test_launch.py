@@ -88,11 +88,13 @@ def test_bad_randaugment_is_a_config_error(capsys):
 def test_arguments(capsys):
     args = launch.parse_args(["--cfg", "c.yaml", "data.shards=s", "--resume", "optim.lr=0.5"])
     assert args.resume and args.overrides == ["data.shards=s", "optim.lr=0.5"]  # overrides around the flags
-    for argv, message in ((["--weights", "w.pt"], "--weights is for --test"),
-                          (["--test", "--weights", "w.pt", "--test-clips", "0"], "--test-clips must be >= 1")):
-        with pytest.raises(SystemExit):
-            launch.parse_args(["--cfg", "c.yaml", *argv])
-        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--cfg", "c.yaml", "--weights", "w.pt"])
+    assert "--weights is for --test" in capsys.readouterr().err
+    args = launch.parse_args(["--cfg", "c.yaml", "--test", "--weights", "w.pt", "--test-crops", "3", "--test-clips", "2"])
+    assert args.overrides == ["eval.test_crops=3", "eval.test_clips=2"]  # validated and recorded as config
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--test", "--weights", "w.pt", "--test-clips", "0"]) == 2
+    assert "eval.test_clips" in capsys.readouterr().err
 
 
 def test_mixup_needs_an_even_device_batch(shards, tmp_path, capsys):
@@ -220,6 +222,8 @@ def test_multiview_test_on_official_checkpoint(shards, tmp_path, capsys):
             "--test-clips", "2", *overrides(shards, run_dir, "data.test_split=val", "data.eval_batch_size=2")]
     assert launch.main(args) == 0
     assert "test (3 crops x 2 clips" in capsys.readouterr().out
+    recorded = (run_dir / "test_config.yaml").read_text()
+    assert "test_crops: 3" in recorded and "test_clips: 2" in recorded
     result = json.loads((run_dir / "test_results.json").read_text())
     num_val = pipelines.loader(shard_paths(shards, "val"), "val", 4, 2, image_size=16, resize=18).num_samples
     assert result["num_videos"] == num_val and result["views"] == 6

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import format as fmt
+from shards.atomic import atomic_write_text
 
 
 class ShardFormatError(ValueError):
@@ -101,14 +102,8 @@ class IndexEntry:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON under a temporary name, flush to disk, then rename: readers see all or nothing."""
-    path = Path(path)
-    temp = path.with_name(path.name + fmt.TEMP_SUFFIX)
-    with open(temp, "w") as f:
-        json.dump(obj, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    """Write compact JSON atomically (shards.atomic): readers see all or nothing."""
+    atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
 
 
 def _load(path: Path, kind: str, expected_format: str, hint: str) -> dict:

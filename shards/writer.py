@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import format as fmt
+from shards.atomic import sync_directory
 from shards.encode import EncodedSample
 from shards.manifest import IndexEntry, ShardRecord, write_json_atomic
 
@@ -76,7 +77,8 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self._temp, self.tar_path)
+        os.replace(self._temp, self.tar_path)  # the tar streams to a temporary file: no atomic_write callback
+        sync_directory(self.tar_path.parent)
         record = ShardRecord(tar=self.tar_path.name, index=self.index_path.name, num_samples=len(self.entries),
                              bytes=self.tar_path.stat().st_size, sha256=file_sha256(self.tar_path))
         index = {"format": fmt.INDEX_FORMAT, "version": fmt.FORMAT_VERSION, "tar": self.tar_path.name,

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdsclip.atomic import atomic_copy, atomic_save
-from tdsclip.weights import FORMAT, CheckpointError, read_checkpoint_file
+from shards.atomic import atomic_copy
+from tdsclip.weights import FORMAT, CheckpointError, atomic_save, read_checkpoint_file
 
 
 def rng_state() -> dict:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tdsclip.atomic import atomic_write_text
+from shards.atomic import atomic_write_text
 from tdsclip.model import ModelConfig
 
 

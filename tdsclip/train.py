@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdsclip.atomic import atomic_write_text
+from shards.atomic import atomic_write_text
 from tdsclip.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdsclip.distributed import World, all_gather_objects, all_reduce_sum
 from tdsclip.metrics import MetricsLogger, StepTimer, host_rss_bytes, peak_device_memory_bytes

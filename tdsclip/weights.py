@@ -16,10 +16,11 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from tdsclip.atomic import atomic_save
+from shards.atomic import atomic_write
 from tdsclip.model import HEAD_WIDTH, TDSCLIP, ModelConfig, build_model
 
 FORMAT = "tdsclip"
@@ -250,6 +251,11 @@ def model_checkpoint(model: TDSCLIP) -> dict:
         "model_config": dataclasses.asdict(model.config),
         "model": _strip_wrappers(model.state_dict()),
     }
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save `obj` to `path` atomically (shards.atomic): never a truncated checkpoint."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_model(model: TDSCLIP, path: str | os.PathLike) -> None:

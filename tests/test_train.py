@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from tdsclip.atomic import atomic_save
+from tdsclip.weights import atomic_save
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.distributed import World
 from tdsclip.metrics import MetricsLogger

@@ -1,5 +1,8 @@
 """Atomic file writes: a reader sees the old file or the new one, never a torn one.
 
+Used by every stage that writes something a later run reads: shard indexes and manifests, configs,
+checkpoints, test results. Torch-free, so the shard tools stay light.
+
 The content goes to a temporary file in the same directory, is flushed to disk, then renamed over
 the target (atomic on POSIX), and the directory is synced so the rename itself survives a power
 loss. A failure mid-write leaves the old file and no temporary behind.
@@ -10,9 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
-
-import torch
+from typing import BinaryIO, Callable
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -26,9 +27,14 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _sync_directory(path.parent)
+        sync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def atomic_copy(source: str | Path, path: str | Path) -> None:
@@ -48,24 +54,15 @@ def atomic_copy(source: str | Path, path: str | Path) -> None:
         return
     try:
         os.replace(tmp, path)
-        _sync_directory(path.parent)
+        sync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _sync_directory(directory: Path) -> None:
+def sync_directory(directory: Path) -> None:
+    """fsync a directory, so that renames into it are on disk."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save `obj` to `path` atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically."""
-    atomic_write(path, lambda f: f.write(text.encode()))

@@ -9,7 +9,7 @@ Planner makes the next epoch's plan in the background.
 """
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -95,7 +95,6 @@ class EpochPlan:
     gray: np.ndarray  # (R, O) bool: convert to grayscale
     label: np.ndarray  # (R, O) int64, after the flip label swap
     ra: np.ndarray | None = None  # (R, O, 3, n) int32 RandAugment [op index, magnitude bin, negate] per level
-    skipped: set = field(default_factory=set)
 
     @property
     def num_batches(self) -> int:
@@ -151,7 +150,7 @@ def make_plan(samples: list[Sample], spec: ClipSpec, batch_size: int, *, rank: i
                      roi=np.zeros((num_rows, num_views, 4), np.float32),
                      mirror=np.zeros((num_rows, num_views), np.int32),
                      gray=np.zeros((num_rows, num_views), bool),
-                     label=np.zeros((num_rows, num_views), np.int64), skipped=set(skipped))
+                     label=np.zeros((num_rows, num_views), np.int64))
     for r, index in enumerate(rows):
         _plan_video(plan, r, samples[index], spec, rng)
     if spec.train and spec.randaugment is not None:

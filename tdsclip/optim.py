@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-HEAD_PREFIXES = ("head.", "fc.")  # the classifier: ours is `head`, the official code's `fc`
+HEAD_PREFIX = "head."  # the classifier (the official code's `fc`)
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -32,7 +32,7 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             continue
         if id(param) in bn_params:
             groups["bn"].append(param)
-        elif name.removeprefix("module.").startswith(HEAD_PREFIXES):
+        elif name.startswith(HEAD_PREFIX):
             groups["head"].append(param)
         else:
             groups["side"].append(param)

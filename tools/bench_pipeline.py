@@ -239,7 +239,7 @@ def amplification(sources: list, num_segments: int, clips: int = 20) -> float:
 # --- where the time goes ---------------------------------------------------------------------
 def stage_cost(data: "pipelines.Loader", args) -> dict[str, tuple[float, float]]:
     """(CPU-ms, wall-ms) per clip of the train graph cut after decode, after crop+resize, and whole."""
-    from nvidia.dali import pipeline_def
+    from nvidia.dali import pipeline_def, types
 
     from pipelines.pipeline import read_clips, train_pipeline
     from pipelines.source import ClipSource
@@ -262,7 +262,7 @@ def stage_cost(data: "pipelines.Loader", args) -> dict[str, tuple[float, float]]
         source = ClipSource(planner, "frame", grayscale=True)
         if stage == "all":
             pipe = train_pipeline(source, image_size=args.image_size, decode_device=decode_device,
-                                  dtype=_dali_float(), **common)
+                                  dtype=types.FLOAT, **common)
         else:
             pipe = cut(source, stage, decode_device, **common)
         pipe.build()
@@ -334,12 +334,6 @@ def feed_rate(data: "pipelines.Loader", py_workers: int, threads: int, seconds: 
     rate = clips / (time.perf_counter() - start)
     del pipe
     return rate
-
-
-def _dali_float():
-    from nvidia.dali import types
-
-    return types.FLOAT
 
 
 # --- main ------------------------------------------------------------------------------------

@@ -134,6 +134,7 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
                             label_smoothing=optim.label_smoothing)
     peak = config.logging.peak_tflops or device_peak_tflops(world.device)
     clip_shape = (mcfg.num_segments, mcfg.frames_per_segment, 3, mcfg.image_size, mcfg.image_size)
+    flops_per_clip = train_flops_per_clip(model, clip_shape, world.device) if peak else None  # one counted step, for MFU
     return Trainer(
         model=model, train_model=train_model, eval_model=eval_model, optimizer=optimizer,
         train_loader=train_loader, val_loader=val_loader,
@@ -144,7 +145,7 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
         label_smoothing=optim.label_smoothing, mixup=mixup, grad_clip=optim.grad_clip, log_every=config.logging.log_every,
         checkpoint_every=config.checkpoint.every_steps, eval_every=config.eval.every_epochs,
         skip_epochs=config.eval.skip_epochs, save_best=config.checkpoint.save_best, config=config_to_dict(config),
-        flops_per_clip=train_flops_per_clip(model, clip_shape, world.device) if peak else None, peak_tflops=peak,
+        flops_per_clip=flops_per_clip, peak_tflops=peak,
     )
 
 
@@ -229,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     world = init_distributed()
     seed = config.seed + world.rank
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     log = MetricsLogger(config.output_dir, rank=world.rank, tensorboard=config.logging.tensorboard,
                         progress=config.logging.progress)
     try:

@@ -61,7 +61,9 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     best_top1: float = -1.0
     best_epoch: int = -1
-    validation_due: bool = False  # the validation after epoch `epoch` - 1 has not finished
+    # Set while validating after an epoch (the checkpoint written just before says so), cleared when
+    # it finishes: a run resumed from that checkpoint validates the epoch first (fit()).
+    validation_due: bool = False
 
 
 @dataclass(kw_only=True)
@@ -166,7 +168,8 @@ class Trainer:
 
     def _end_epoch(self, epoch: int) -> None:
         """Validate after `epoch` (when due) and checkpoint."""
-        is_best, self.state.validation_due = False, False  # a resume may have changed what is due
+        is_best = False
+        self.state.validation_due = False  # due again below if this epoch validates (eval.* may change on resume)
         if self.val_loader is not None and self._validates(epoch):
             self.state.validation_due = True
             self._save()  # the epoch's training survives a validation that fails (bad shard, OOM); resume redoes it
@@ -218,7 +221,6 @@ class Trainer:
             self.state.step += 1
             self.state.batch_in_epoch = first + micro
             pending.append(loss)
-            timer.steps += 1
             self.metrics.advance(self.state.batch_in_epoch // self.accum_steps, "")
             if self.state.step % self.log_every == 0 or self.state.batch_in_epoch == num_batches:
                 self._log(pending, timer)
@@ -246,6 +248,7 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        timer.steps += 1
         return total / micro
 
     def _loss(self, clips: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

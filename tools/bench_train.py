@@ -38,7 +38,6 @@ def measure(trainer, batches, steps: int, warmup: int) -> dict[str, float]:
         trainer.optimizer_step(batches, trainer.accum_steps, timer)
     if trainer.world.device.type == "cuda":
         torch.cuda.synchronize()
-    timer.steps = steps
     stats = timer.stats(trainer.world.world_size)
     return {"clips_per_s": stats["train/clips_per_s"], "data_wait": stats["train/data_wait_frac"],
             "step_s": stats["train/step_time_s"]}

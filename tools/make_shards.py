@@ -30,6 +30,16 @@ from shards.encode import EncodedSample, EncodeOptions  # noqa: E402
 from shards.manifest import Manifest  # noqa: E402
 from shards.sources import ListFormatError, class_names, read_labels, read_list  # noqa: E402
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each option's default unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or "default" in help:
+            return help
+        return f"{help} (default: %(default)s)"
+
+
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -47,11 +57,11 @@ def parse_size(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = EncodeOptions()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("list", type=Path, help="list file: '<video> <label>' or '<folder> <num frames> <label>' lines")
     p.add_argument("--root", type=Path, required=True, help="directory the list's paths are relative to")
     p.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
-    p.add_argument("--split", default="train", help="split name: file prefix and manifest name (default train)")
+    p.add_argument("--split", default="train", help="split name: file prefix and manifest name")
     p.add_argument("--labels", type=Path, help="CSV of 'id,name' rows; class names for the manifest")
     p.add_argument("--layout", choices=fmt.LAYOUTS, default=defaults.layout,
                    help=f"one JPEG per frame or one VP9 WebM per video (default {defaults.layout}; docs/shards.md)")
@@ -66,9 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="libvpx deadline, layout video: realtime encodes ~6x faster into ~40%% more bytes")
     p.add_argument("--image-tmpl", default=defaults.image_tmpl, help="frame file names in frame folders, from 1")
     p.add_argument("--fps", type=float, default=defaults.folder_fps, help="frame rate recorded for frame folders")
-    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="target shard size (1GB)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (all cores)")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    p.add_argument("--shard-size", type=parse_size, default="1GB", help="target shard size")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input is rejected")
     args = p.parse_args(argv)
     if args.workers < 1:

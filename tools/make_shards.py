@@ -35,7 +35,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or "default" in help:
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or "default" in help:
             return help
         return f"{help} (default: %(default)s)"
 

@@ -113,7 +113,8 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
     per_device, accum = derive_batch(data.global_batch_size, world.world_size, data.max_device_batch_size)
     log.info(f"batch: {data.global_batch_size} videos per step = {world.world_size} processes x "
              f"{per_device} per device x {accum} accumulation steps (x{data.num_sample} views each); "
-             f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, device {world.device}")
+             f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, "
+             f"device {world.device}")
     train_loader, val_loader = build_loaders(config, world, mcfg, per_device)
     train_model = eval_model = model
     if world.distributed:
@@ -134,7 +135,7 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
                             label_smoothing=optim.label_smoothing)
     peak = config.logging.peak_tflops or device_peak_tflops(world.device)
     clip_shape = (mcfg.num_segments, mcfg.frames_per_segment, 3, mcfg.image_size, mcfg.image_size)
-    flops_per_clip = train_flops_per_clip(model, clip_shape, world.device) if peak else None  # one counted step, for MFU
+    flops_per_clip = train_flops_per_clip(model, clip_shape, world.device) if peak else None  # one step, for MFU
     return Trainer(
         model=model, train_model=train_model, eval_model=eval_model, optimizer=optimizer,
         train_loader=train_loader, val_loader=val_loader,
@@ -142,7 +143,8 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
                                       final_factor=schedule.final_factor),
         checkpointer=Checkpointer(config.output_dir, rank=world.rank), metrics=log, world=world,
         epochs=schedule.epochs, accum_steps=accum, precision=precision, eval_precision=config.eval.precision,
-        label_smoothing=optim.label_smoothing, mixup=mixup, grad_clip=optim.grad_clip, log_every=config.logging.log_every,
+        label_smoothing=optim.label_smoothing, mixup=mixup, grad_clip=optim.grad_clip,
+        log_every=config.logging.log_every,
         checkpoint_every=config.checkpoint.every_steps, eval_every=config.eval.every_epochs,
         skip_epochs=config.eval.skip_epochs, save_best=config.checkpoint.save_best, config=config_to_dict(config),
         flops_per_clip=flops_per_clip, peak_tflops=peak,

@@ -272,7 +272,8 @@ def _replace_skipped(rows, valid, num_videos, skipped, train):
 
 def _plan_video(plan: EpochPlan, r: int, sample: Sample, spec: ClipSpec, rng: np.random.Generator) -> None:
     n = sample.num_frames
-    centres = sampling.clip_centres(spec.sampling_scheme, spec.split, n, spec.num_segments, spec.num_clips, rng)  # (K, T)
+    centres = sampling.clip_centres(spec.sampling_scheme, spec.split, n, spec.num_segments, spec.num_clips,
+                                    rng)  # (K, T)
     plan.frames[r] = sampling.window(centres, n, spec.frames_per_segment).reshape(-1)  # (K*T*M,)
     stored = (sample.height, sample.width)
     scaled = augment.scaled_size(*stored, spec.resize)

@@ -1,4 +1,5 @@
-"""The shard format: naming and schema (format), crash-safe writes (atomic), manifest and index reading (manifest), input lists
+"""The shard format: naming and schema (format), crash-safe writes (atomic), manifest and index reading
+(manifest), input lists
 (sources), per-sample encoding (encode), crash-tolerant worker processes (workers), shard writing
 (writer), whole-split packing (build), and synthetic datasets (synthetic). See docs/shard_format.md."""
 

@@ -27,12 +27,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines import sampling  # noqa: E402
 from shards.build import build_split  # noqa: E402
 from shards.encode import EncodeOptions  # noqa: E402
 from shards.manifest import IndexEntry, read_frames, read_index, read_video  # noqa: E402
 from shards.sources import Source  # noqa: E402
 
-NUM_SEGMENTS, FRAMES_PER_SEGMENT, CROP = 8, 5, 224
+NUM_SEGMENTS, FRAMES_PER_SEGMENT, CROP = 8, sampling.FRAMES_PER_SEGMENT, 224
 
 CONFIGS = [
     EncodeOptions(layout="frames", quality=60),
@@ -56,12 +57,9 @@ class Packed:
 
 
 def clip_frames(num_frames: int, rng: np.random.Generator) -> np.ndarray:
-    """The 8x5 pattern: a random start in each of 8 equal segments, 5 consecutive frames from it."""
-    segment = num_frames / NUM_SEGMENTS
-    starts = (np.arange(NUM_SEGMENTS) * segment + rng.uniform(0, max(segment - FRAMES_PER_SEGMENT, 0) + 1,
-                                                               NUM_SEGMENTS)).astype(int)
-    frames = starts[:, None] + np.arange(FRAMES_PER_SEGMENT)[None, :]  # (8, 5)
-    return np.minimum(frames, num_frames - 1).reshape(-1).astype(np.int32)
+    """The frames of one training clip (pipelines.sampling, Something-Something scheme): (T*M,) int32."""
+    centres = sampling.train_centres(num_frames, NUM_SEGMENTS, rng)
+    return sampling.window(centres, num_frames, FRAMES_PER_SEGMENT).reshape(-1).astype(np.int32)  # (T*M,)
 
 
 def default_videos() -> list[Path]:

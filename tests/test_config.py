@@ -11,10 +11,11 @@ CONFIGS = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_shipped_configs_load(path):
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
     config = load_config(path)
-    assert isinstance(config, RunConfig)
-    assert config.schedule.warmup_epochs <= config.schedule.epochs
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config  # what a run saves is what it ran with
+    config.model.model_config()  # the model section builds a valid ModelConfig
 
 
 @pytest.mark.parametrize("name, lr, side_dim, epochs, randaugment", [
@@ -33,6 +34,11 @@ def test_paper_settings(name, lr, side_dim, epochs, randaugment):
     assert (config.optim.weight_decay, config.optim.betas, config.optim.label_smoothing) == (0.15, (0.9, 0.999), 0.1)
     assert config.schedule.warmup_epochs == 4
     assert config.data.global_batch_size == 128  # 16 per GPU x 8 GPUs
+    kinetics = name.startswith("k400")  # the official code: datasets/kinetics.py unless "something" is in the name
+    assert config.data.sampling == ("kinetics" if kinetics else "something")
+    assert (config.data.resize, config.data.flip, config.data.grayscale_prob) == (
+        (256, "plain", 0.2) if kinetics else ([256, 320], "swap", 0.0))
+    assert config.eval.precision == "fp32"
 
 
 def test_overrides_apply_and_parse_types():

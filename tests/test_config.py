@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tdsclip.config import ConfigError, RunConfig, config_diff, config_from_dict, config_to_dict, load_config, save_config
+from tdsclip.config import ConfigError, config_diff, config_from_dict, config_to_dict, load_config, save_config
 
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
 

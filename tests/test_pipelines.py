@@ -498,3 +498,18 @@ def test_frames_per_segment_sets_the_window(frame_shards):
     expected = sampling.window(sampling.val_centres(30, 4), 30, length=3)  # (T, 3)
     for got in decoded_indices(batch["clips"]):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_ctrl_c_during_close_reaches_the_caller(frame_shards):
+    data = pipelines.loader(frame_shards, "train", batch_size=2, num_segments=2, num_threads=1, **SIZE)
+    next(iter(data))
+    real = data._pipe
+
+    class Interrupted:
+        def _shutdown(self):
+            real._shutdown()
+            raise KeyboardInterrupt  # as if Ctrl-C came while DALI shut down
+
+    data._pipe = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        data.close()

@@ -10,6 +10,7 @@ so one bad input never stops a run.
 
 import io
 import itertools
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +26,9 @@ from shards.sources import IMAGE_TMPL, Source, check_image_tmpl
 JPEG_MAGIC = b"\xff\xd8\xff"
 DEFAULT_FPS = 30.0
 RESIZE_INTERPOLATION = "AREA"
+# A video decoding to fewer than this share of the frames its header declares is truncated. Lenient:
+# durations are rounded, edit lists hide a few frames, and variable-rate videos only average out.
+TRUNCATED_BELOW = 0.75
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,11 +140,34 @@ def _encode_video_file(source: Source, path: Path, options: EncodeOptions) -> En
         # must be rejected rather than packed short. Workers give the parallelism.
         stream.thread_type = "SLICE"
         rate = stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FPS)
+        declared = declared_frames(container, stream, rate)
         try:
-            frames = container.decode(stream)
-            return _encode_frames(source, frames, Fraction(rate), options)
+            sample = _encode_frames(source, container.decode(stream), Fraction(rate), options)
         except av.FFmpegError as error:
             raise _Reject(f"undecodable: decoding failed ({error}); the file is truncated or corrupt") from None
+    decoded = sample.meta["num_frames"]
+    if declared is not None and decoded < TRUNCATED_BELOW * declared:  # FFmpeg stops quietly at a cut WebM's end
+        raise _Reject(f"undecodable: {decoded} frames decode of the ~{declared:.0f} its header declares; "
+                      "the file is truncated")
+    return sample
+
+
+def declared_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                    rate: Fraction) -> float | None:
+    """How many frames the file says the video stream has: its frame count (MP4), else its duration
+    (the stream's, Matroska's per-track DURATION tag, or the container's) times the frame rate."""
+    if stream.frames:
+        return float(stream.frames)
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif match := re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", stream.metadata.get("DURATION", "")):
+        hours, minutes, secs = match.groups()
+        seconds = int(hours) * 3600 + int(minutes) * 60 + float(secs)
+    elif container.duration and len(container.streams) == 1:  # another stream may run longer
+        seconds = container.duration / av.time_base
+    else:
+        return None
+    return seconds * float(rate)
 
 
 def _encode_frames(source: Source, frames: Iterator[av.VideoFrame], rate: Fraction,

@@ -300,6 +300,21 @@ def test_encoded_sample_is_verified(dataset):
         assert sum(1 for _ in container.decode(video=0)) == sample.meta["num_frames"]
 
 
+def test_a_cut_webm_is_rejected_not_packed_short(tmp_path):
+    """FFmpeg decodes a cut WebM to its end without an error; the declared duration gives it away."""
+    from shards.encode import encode_source
+
+    write_video(tmp_path / "whole.webm", indexed_frames(48, 32, 48))
+    data = (tmp_path / "whole.webm").read_bytes()
+    (tmp_path / "cut.webm").write_bytes(data[: len(data) * 2 // 3])
+    options = EncodeOptions(layout="frames", short_side=0)
+    whole = encode_source(Source(key="whole", path="whole.webm", label=0), tmp_path, options)
+    assert isinstance(whole, EncodedSample) and whole.meta["num_frames"] == 48
+    cut = encode_source(Source(key="cut", path="cut.webm", label=0), tmp_path, options)
+    assert isinstance(cut, Rejection), cut.meta
+    assert cut.reason.startswith("undecodable:") and "of the ~48 its header declares" in cut.reason
+
+
 def test_tars_read_as_plain_webdataset(dataset, tmp_path):
     """The tars are ordinary webdataset tars: the webdataset library and DALI's reader both group them."""
     import webdataset as wds

@@ -8,6 +8,7 @@ A list is one format or the other; it is told apart by its lines (three fields, 
 
 import csv
 import hashlib
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -79,7 +80,8 @@ def read_list(path: str | os.PathLike) -> list[Source]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: list file not found")
-    lines = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1)]
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not part of a path
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
     if not lines:
         raise ListFormatError(f"{path}: the list is empty")
@@ -112,7 +114,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: labels CSV not found")
     names: dict[int, str] = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
         for n, row in enumerate(csv.reader(f), 1):
             if not row or not "".join(row).strip():
                 continue
@@ -128,9 +130,10 @@ def read_labels(path: str | os.PathLike) -> list[str]:
             if class_id in names:
                 raise ListFormatError(f"{path}:{n}: id {class_id} appears twice")
             names[class_id] = ",".join(row[1:]).strip()
-    missing = [i for i in range(len(names)) if i not in names]  # as many as the ids past the end
+    top = max(names, default=-1)
+    missing = list(itertools.islice((i for i in range(top + 1) if i not in names), 11))  # no 1e9-long list
     if missing:
-        raise ListFormatError(f"{path}: ids must be 0..{len(names) - 1} without gaps; missing: "
+        raise ListFormatError(f"{path}: ids must run from 0 without gaps (the highest is {top}); missing: "
                               f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}")
     return [names[i] for i in range(len(names))]
 

@@ -61,10 +61,12 @@ def test_read_labels_and_class_names(tmp_path):
     with pytest.raises(ListFormatError, match="label 2 of 'b.mp4'"):
         class_names(sources, read_labels(csv_path), str(path))
     csv_path.write_text("0,a\n2,c\n")
-    with pytest.raises(ListFormatError, match="ids must be 0..1 without gaps; missing: 1$"):
+    with pytest.raises(ListFormatError, match=r"ids must run from 0 without gaps \(the highest is 2\); missing: 1$"):
         read_labels(csv_path)
+    csv_path.write_text("\ufeff0,a\r\n1,b\r\n")  # Excel: byte-order mark, CRLF, no header
+    assert read_labels(csv_path) == ["a", "b"]
     csv_path.write_text("0,a\n2000000000,c\n")  # no 2e9-long range built to say so
-    with pytest.raises(ListFormatError, match="missing: 1$"):
+    with pytest.raises(ListFormatError, match=r"missing: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 \.\.\.$"):
         read_labels(csv_path)
     csv_path.write_text("0,a\n-1,b\n")
     with pytest.raises(ListFormatError, match="labels.csv:2: id -1 is negative"):
@@ -72,6 +74,12 @@ def test_read_labels_and_class_names(tmp_path):
     path.write_text("a.mp4 1\nb.mp4 999999\n")  # a mistyped label
     with pytest.raises(ListFormatError, match="2 distinct labels reach 999999"):
         class_names(read_list(path), None, str(path))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_path(tmp_path):
+    path = tmp_path / "l.txt"
+    path.write_text("\ufeffa.mp4 1\r\nb.mp4 0\r\n")  # as Windows Notepad saves it
+    assert [s.path for s in read_list(path)] == ["a.mp4", "b.mp4"]
 
 
 def test_a_path_listed_twice_is_refused(tmp_path):

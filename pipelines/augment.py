@@ -80,21 +80,30 @@ def to_stored_roi(window: tuple[int, int, int, int], scaled: tuple[int, int], st
 def parse_randaugment(spec: str) -> tuple[int, int, float]:
     """Parse a timm-style "rand-m7-n4[-mstd0.5][-inc1]" into (n, m, mstd), m on timm's 0-10 scale.
 
-    Magnitudes always increase with m (timm's "inc1"; DALI's monotonic suite).
+    Magnitudes always increase with m (timm's "inc1", the official setting; DALI's monotonic suite).
     """
+    form = "a form like 'rand-m7-n4-mstd0.5'"
     parts = spec.split("-")
     if parts[0] != "rand":
-        raise ValueError(f"randaugment must look like 'rand-m7-n4-mstd0.5', got {spec!r}")
+        raise ValueError(f"randaugment must have {form}, got {spec!r}")
     n, m, mstd = 2, 10, 0.0
     for part in parts[1:]:
-        key, value = re.match(r"([a-z]+)(.*)", part).groups()
+        match = re.fullmatch(r"([a-z]+)(\d+(?:\.\d*)?)", part)
+        if match is None:
+            raise ValueError(f"randaugment {spec!r}: part {part!r} is not a name and a number ({form})")
+        key, value = match.groups()
+        if key in ("m", "n", "inc") and not value.isdigit():
+            raise ValueError(f"randaugment {spec!r}: {key} takes an integer, got {value!r}")
         if key == "m":
             m = int(value)
         elif key == "n":
             n = int(value)
         elif key == "mstd":
             mstd = float(value)
-        elif key != "inc":
+        elif key == "inc":
+            if value != "1":
+                raise ValueError(f"randaugment {spec!r}: only increasing magnitudes (inc1) are supported")
+        else:
             raise ValueError(f"randaugment {spec!r}: unknown part {part!r} (valid: m, n, mstd, inc)")
     if not 0 <= m <= 10:
         raise ValueError(f"randaugment {spec!r}: magnitude m must be in 0..10")

@@ -1,5 +1,7 @@
 """Crop windows (official positions) alone, and through the DALI graph on gradient frames."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +49,17 @@ def test_parse_randaugment():
     assert augment.parse_randaugment("rand-m9-n2-inc1") == (2, 9, 0.0)
     with pytest.raises(ValueError, match="unknown part"):
         augment.parse_randaugment("rand-m7-x4")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("rand-M7-n4", "part 'M7' is not a name and a number"), ("rand-m7--n4", "part '' is not"),
+    ("rand-7", "part '7' is not"), ("rand-m7-n4-mstd", "part 'mstd' is not"),
+    ("rand-m7.5-n4", "m takes an integer"), ("rand-m7-n4-inc0", "only increasing magnitudes"),
+    ("rand-m11-n4", "magnitude m must be in 0..10"), ("augmix-m7", "must have a form like"),
+])
+def test_parse_randaugment_names_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        augment.parse_randaugment(spec)
 
 
 @pytest.fixture(scope="module")

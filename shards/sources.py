@@ -53,11 +53,12 @@ def _is_int(text: str) -> bool:
 
 
 def _detect_frame_folders(lines: list[tuple[int, str]]) -> bool:
-    """A list is of frame folders when every line ends in two integers after a path."""
+    """A list is of frame folders when most lines end in two integers after a path (by majority, so
+    that one malformed line is reported as such rather than turning the list into one of videos)."""
     def folder_like(line: str) -> bool:
         parts = line.rsplit(None, 2)
         return len(parts) == 3 and _is_int(parts[1]) and _is_int(parts[2])
-    return bool(lines) and all(folder_like(line) for _, line in lines)
+    return 2 * sum(folder_like(line) for _, line in lines) > len(lines)
 
 
 def make_key(path: str, used: set[str], strip_extension: bool = True) -> str:
@@ -89,7 +90,7 @@ def read_list(path: str | os.PathLike) -> list[Source]:
     sources, used, first_line = [], set(), {}
     for n, line in lines:
         parts = line.rsplit(None, 2 if folders else 1)
-        if len(parts) != (3 if folders else 2) or not _is_int(parts[-1]):
+        if len(parts) != (3 if folders else 2) or not all(map(_is_int, parts[1:])):
             raise ListFormatError(f"{path}:{n}: expected '<video path> <label>' or "
                                   f"'<frame folder> <num frames> <label>', got {line!r}")
         label = int(parts[-1])

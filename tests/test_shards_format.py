@@ -82,6 +82,16 @@ def test_a_byte_order_mark_is_not_part_of_the_first_path(tmp_path):
     assert [s.path for s in read_list(path)] == ["a.mp4", "b.mp4"]
 
 
+def test_a_malformed_line_in_a_frame_folder_list_is_named(tmp_path):
+    path = tmp_path / "l.txt"
+    path.write_text("f/001 40 0\nf/002 35 1\nf/003 2\nf/004 38 2\n")  # line 3 lacks its frame count
+    with pytest.raises(ListFormatError, match=r"l.txt:3: expected .*got 'f/003 2'"):
+        read_list(path)
+    path.write_text("f/001 40 0\nf/002 x 1\nf/004 38 2\n")
+    with pytest.raises(ListFormatError, match=r"l.txt:2: expected"):
+        read_list(path)
+
+
 def test_a_path_listed_twice_is_refused(tmp_path):
     path = tmp_path / "l.txt"
     path.write_text("a.mp4 1\nb.mp4 2\n\na.mp4 1\n")

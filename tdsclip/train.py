@@ -22,6 +22,7 @@ from torch import nn
 
 from shards.atomic import atomic_write_text
 from tdsclip.checkpoint import Checkpointer, rng_state, set_rng_state
+from tdsclip.config import ConfigError
 from tdsclip.distributed import World, all_gather_objects, all_reduce_sum
 from tdsclip.metrics import MetricsLogger, StepTimer, host_rss_bytes, peak_device_memory_bytes
 from tdsclip.optim import WarmupCosineSchedule
@@ -40,8 +41,8 @@ def derive_batch(global_batch_size: int, world_size: int, max_device_batch_size:
     The per-device batch is the largest divisor of global / world that fits max_device_batch_size.
     """
     if global_batch_size % world_size:
-        raise ValueError(f"data.global_batch_size={global_batch_size} is not divisible by the "
-                         f"{world_size} processes; pick a multiple of the world size")
+        raise ConfigError(f"data.global_batch_size={global_batch_size} is not divisible by the "
+                          f"{world_size} processes; pick a multiple of the world size")
     per_rank = global_batch_size // world_size
     per_device = max(d for d in range(1, min(per_rank, max_device_batch_size) + 1) if per_rank % d == 0)
     return per_device, per_rank // per_device

@@ -18,6 +18,7 @@ from tdsclip.distributed import World
 from tdsclip.metrics import MetricsLogger
 from tdsclip.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 from tdsclip.train import NonFiniteLossError, Trainer, build_mixup, derive_batch, evaluate
+from tdsclip.config import ConfigError
 from tdsclip.weights import CheckpointError
 
 CLIP_SHAPE = (2, 1, 3, 4, 4)  # (T, M, 3, H, W)
@@ -308,7 +309,7 @@ def test_derive_batch(global_batch, world, cap, expected):
 
 
 def test_derive_batch_rejects_indivisible_world():
-    with pytest.raises(ValueError, match="global_batch_size=128 is not divisible by the 3 processes"):
+    with pytest.raises(ConfigError, match="global_batch_size=128 is not divisible by the 3 processes"):
         derive_batch(128, 3, 16)
 
 

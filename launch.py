@@ -88,6 +88,10 @@ def check_labels(loader, num_classes: int, data: str, remedy: str) -> None:
         raise ConfigError(f"{data} has label {top}, but the model has {num_classes} classes: {remedy}")
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 'es' if noun.endswith('s') else 's'}"
+
+
 def resolve_precision(config: RunConfig, world: World) -> str:
     if config.precision != "auto":
         return config.precision
@@ -111,8 +115,8 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
     use_compile = config.compile if config.compile is not None else world.device.type == "cuda"
     data, mcfg = config.data, model.config
     per_device, accum = derive_batch(data.global_batch_size, world.world_size, data.max_device_batch_size)
-    log.info(f"batch: {data.global_batch_size} videos per step = {world.world_size} processes x "
-             f"{per_device} per device x {accum} accumulation steps (x{data.num_sample} views each); "
+    log.info(f"batch: {data.global_batch_size} videos per step = {plural(world.world_size, 'process')} x "
+             f"{per_device} per device x {plural(accum, 'accumulation step')} (x{data.num_sample} views each); "
              f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, "
              f"device {world.device}")
     train_loader, val_loader = build_loaders(config, world, mcfg, per_device)
@@ -218,7 +222,7 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
         write_results(result, path)
     log.log(0, {"test/top1": result["top1"], "test/top5": result["top5"],
                 "test/mean_class_acc": result["mean_class_acc"]})
-    log.info(f"test ({crops} crops x {clips} clips, {result['num_videos']} videos): top-1 {result['top1']:.2f}%  "
+    log.info(f"test ({plural(crops, 'crop')} x {plural(clips, 'clip')}, {result['num_videos']} videos): top-1 {result['top1']:.2f}%  "
              f"top-5 {result['top5']:.2f}%  mean class {result['mean_class_acc']:.2f}%  -> {path}")
 
 

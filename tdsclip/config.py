@@ -287,6 +287,8 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML config file, apply `key.sub=value` overrides, validate."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--cfg {path} is a directory; give a YAML file, e.g. configs/k400/vitb16.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

@@ -343,6 +343,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, views: int, num_classes: int
                     predictions.append({"key": key, "label": label, "top5": top})
     for tensor in (correct1, correct5, count):
         all_reduce_sum(tensor)
+    correct1, correct5, count = (t.cpu().double() for t in (correct1, correct5, count))  # exact ratios in the report
     seen = count > 0
     total = count.sum().clamp(min=1)
     result = {

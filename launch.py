@@ -182,6 +182,11 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
         trainer.restore(checkpoint)
         if changes:
             log.info(f"resumed with config changes: {'; '.join(changes)}")
+        state = trainer.state
+        if state.epoch >= trainer.epochs and not state.validation_due:
+            log.info(f"{checkpointer.last_path}: the run is complete ({trainer.epochs} epochs, best val top-1 "
+                     f"{state.best_top1:.2f}%); to train longer, resume with schedule.epochs=N")
+            return
         log.info(f"resuming from {checkpointer.last_path} (epoch {checkpoint['epoch'] + 1}, "
                  f"step {checkpoint['step']}, batch {checkpoint['batch_in_epoch']})")
     elif args.resume:

@@ -135,6 +135,9 @@ def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     assert "resuming from" in out and "resumed with config changes: schedule.epochs: 1 -> 2" in out
     checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["schedule"]["epochs"] == 2
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *overrides(shards, run_dir)]) == 0
+    assert "the run is complete (2 epochs" in capsys.readouterr().out  # and nothing is retrained
+    assert torch.load(run_dir / "last.pt", weights_only=False)["step"] == checkpoint["step"]
 
     changed = overrides(shards, run_dir, "optim.lr=0.5", "seed=4")
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *changed]) == 1

@@ -232,6 +232,9 @@ def read_frames(entry: IndexEntry, frames: list[int]) -> list[bytes]:
     """The JPEG bytes of the given frames (0-based) of a layout-frames sample; the tar is opened once."""
     if entry.layout != "frames":
         raise ValueError(f"{entry.tar}: sample {entry.key!r} has layout {entry.layout!r}, not 'frames'")
+    outside = [i for i in frames if not 0 <= i < len(entry.frames)]
+    if outside:
+        raise IndexError(f"{entry.tar}: sample {entry.key!r} has frames 0..{len(entry.frames) - 1}; asked for {outside}")
     fd = os.open(entry.tar, os.O_RDONLY)
     try:
         return [_pread_exact(fd, *entry.frames[i], entry.tar) for i in frames]

@@ -187,6 +187,8 @@ def test_frame_folder_jpegs_are_copied_and_frames_in_order(dataset, tmp_path):
     entries = {e.key: e for e in read_index(manifest.index_paths()[0])}
     stored = read_frames(entries["f_long"], list(range(23)))
     assert stored == [(dataset["root"] / f"f/long/img_{i + 1:05d}.jpg").read_bytes() for i in range(23)]
+    with pytest.raises(IndexError, match=r"f_long' has frames 0..22; asked for \[23, -1\]"):
+        read_frames(entries["f_long"], [0, 23, -1])  # a negative index would quietly read from the end
     png_manifest, _ = _pack(dataset, tmp_path, "pngs.txt", "frames", options={"image_tmpl": "img_{:05d}.png"})
     (entry,) = read_index(png_manifest.index_paths()[0])
     decoded = [np.asarray(Image.open(dataset["root"] / f"f/png/img_{i + 1:05d}.png")) for i in range(5)]

@@ -59,16 +59,21 @@ def loader_options(config: RunConfig, world: World, model_config: tdsclip.ModelC
 
 
 def build_loaders(config: RunConfig, world: World, model_config: tdsclip.ModelConfig, batch_size: int) -> tuple:
-    """The train and val pipelines of this rank (manifests named by data.train_split / data.val_split)."""
+    """The train and val pipelines of this rank (manifests named by data.train_split / data.val_split; no
+    val pipeline when data.val_split is null)."""
     data, segments = config.data, model_config.num_segments
     options = loader_options(config, world, model_config)
     train = pipelines.loader(shard_paths(data.shards, data.train_split), "train", batch_size, segments, **options,
                              num_sample=data.num_sample, flip=data.flip, flip_label_map=data.flip_label_map,
                              grayscale_prob=data.grayscale_prob, randaugment=data.randaugment)
-    val = pipelines.loader(shard_paths(data.shards, data.val_split), "val", data.eval_batch_size, segments, **options)
+    val = None
+    if data.val_split is not None:
+        val = pipelines.loader(shard_paths(data.shards, data.val_split), "val", data.eval_batch_size, segments,
+                               **options)
     for loader, split in ((train, data.train_split), (val, data.val_split)):
-        check_labels(loader, model_config.num_classes, f"split {split!r} of {data.shards}",
-                     "set model.num_classes to the shards' number of classes")
+        if loader is not None:
+            check_labels(loader, model_config.num_classes, f"split {split!r} of {data.shards}",
+                         "set model.num_classes to the shards' number of classes")
     return train, val
 
 
@@ -201,7 +206,8 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
     if final:
         log.info(f"final val top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}%; best top-1 "
                  f"{trainer.state.best_top1:.2f}% (epoch {trainer.state.best_epoch + 1})")
-    log.info(f"checkpoints: {config.output_dir}/last.pt, best.pt")
+    kept = ", best.pt" if trainer.val_loader is not None and config.checkpoint.save_best else ""
+    log.info(f"checkpoints: {config.output_dir}/last.pt{kept}")
     log.info(f"TensorBoard: tensorboard --logdir {config.output_dir}")
 
 

@@ -53,7 +53,7 @@ class DataSection:
 
     shards: str = "shards"  # directory holding <split>.manifest.json
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str | None = "val"  # null: train without validation (no best.pt)
     test_split: str = "val"  # the split the test mode reads (Kinetics/SSv2 test on val)
     global_batch_size: int = 128  # videos per optimizer step, over all devices (paper: 16 x 8 GPUs)
     max_device_batch_size: int = 16  # micro-batch cap per device; the rest is gradient accumulation

@@ -116,6 +116,15 @@ def test_loaders_follow_the_models_clip_geometry_and_data_sampling(shards, tmp_p
     assert train.spec.sampling_scheme == val.spec.sampling_scheme == "kinetics"
 
 
+def test_train_without_validation(shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1", "data.val_split=null")]
+    assert launch.main(args) == 0
+    out = capsys.readouterr().out
+    assert "val top-1" not in out and f"checkpoints: {run_dir}/last.pt\n" in out
+    assert (run_dir / "last.pt").is_file() and not (run_dir / "best.pt").exists()
+
+
 def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0

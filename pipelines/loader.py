@@ -32,7 +32,8 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
            num_sample: int = 1, flip: str = "none", flip_label_map: dict[int, int] | None = None,
            grayscale_prob: float = 0.0, randaugment: str | None = None, test_crops: int = 1,
            test_clips: int = 1, num_threads: int | None = None, on_error: str = "raise",
-           py_workers: int | None = None, hw_decoder_load: float | None = None) -> "Loader":
+           py_workers: int | None = None, hw_decoder_load: float | None = None,
+           manifest: str | None = None) -> "Loader":
     """A Loader over `split` of `shards` (a directory with `<split>.manifest.json`, a list of tars, or one tar).
 
     Args:
@@ -59,6 +60,8 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
             are spawned: the calling script needs an `if __name__ == "__main__":` guard.
         hw_decoder_load: share of JPEGs that the GPU's hardware JPEG engines decode (DALI's
             `hw_decoder_load`, mixed decoder only); None keeps DALI's default (0.65).
+        manifest: which `<manifest>.manifest.json` of a shard directory to read; default `split`.
+            E.g. split="test", manifest="val" for the multi-view test on the validation videos.
     """
     spec = ClipSpec(split=split, num_segments=num_segments, frames_per_segment=frames_per_segment,
                     sampling_scheme=sampling, image_size=image_size, resize=resize, num_sample=num_sample,
@@ -66,7 +69,7 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
                     test_crops=test_crops, test_clips=test_clips,
                     randaugment=augment.parse_randaugment(randaugment) if randaugment and split == "train" else None)
     one_tar = isinstance(shards, (str, os.PathLike)) and str(shards).endswith(".tar")
-    tars = [str(shards)] if one_tar else shard_paths(shards, split)
+    tars = [str(shards)] if one_tar else shard_paths(shards, manifest or split)
     return Loader(tars, spec, batch_size, rank=rank, world_size=world_size, seed=seed, device=device, dtype=dtype,
                   num_threads=num_threads, on_error=on_error, py_workers=py_workers, hw_decoder_load=hw_decoder_load)
 

@@ -145,8 +145,8 @@ def test_test_split_views_adjacent_expected_frames_and_valid(frame_shards):
 
 @pytest.mark.parametrize("scheme", sampling.SCHEMES)
 def test_val_uses_the_schemes_val_centres_and_one_view(frame_shards, scheme):
-    data = pipelines.loader([str(p) for p in sorted(frame_shards.glob("test-*.tar"))], "val", batch_size=4,
-                            num_segments=8, sampling=scheme, num_threads=1, **SIZE)
+    data = pipelines.loader(frame_shards, "val", batch_size=4, num_segments=8, sampling=scheme, num_threads=1,
+                            manifest="test", **SIZE)  # val mode over the test manifest
     batch = next(iter(data))
     assert batch["clips"].shape == (4, 8, 5, 3, 16, 16)
     expected = sampling.window(sampling.clip_centres(scheme, "val", 30, 8)[0], 30)

@@ -103,19 +103,29 @@ def resolve_precision(config: RunConfig, world: World) -> str:
     return "bf16" if world.device.type == "cuda" else "fp32"
 
 
-def build_model(config: RunConfig, log: MetricsLogger) -> torch.nn.Module:
+def build_model(config: RunConfig, log: MetricsLogger, *, load_weights: bool = True) -> torch.nn.Module:
+    """The network; with `load_weights`, the frozen backbone from model.clip_weights and then everything
+    from model.init_weights (a resumed run takes all its weights from its checkpoint instead)."""
     model = tdsclip.build_model(config.model.model_config())
+    if not load_weights:
+        return model
     if config.model.clip_weights:
         tdsclip.load_clip_weights(model, config.model.clip_weights)
         log.info(f"CLIP weights: {config.model.clip_weights}")
     else:
         log.info("CLIP weights: none (model.clip_weights is null) -- the frozen backbone keeps random weights")
+    if config.model.init_weights:
+        kept = tdsclip.init_from_checkpoint(model, config.model.init_weights)
+        log.info(f"initialized from {config.model.init_weights}" +
+                 (f"; new {', '.join(kept)} (other class count)" if kept else ""))
     return model
 
 
-def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Trainer:
-    """Model, data, optimizer, schedule and checkpointer from the config, wired into a Trainer."""
-    model = build_model(config, log).to(world.device)
+def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpointer: Checkpointer | None = None, *,
+                  resuming: bool = False) -> Trainer:
+    """Model, data, optimizer, schedule and checkpointer (default: in output_dir) from the config, wired
+    into a Trainer. `resuming`: the weights will come from a checkpoint, so no weight files are read."""
+    model = build_model(config, log, load_weights=not resuming).to(world.device)
     precision = resolve_precision(config, world)
     use_compile = config.compile if config.compile is not None else world.device.type == "cuda"
     data, mcfg = config.data, model.config
@@ -150,7 +160,7 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
         train_loader=train_loader, val_loader=val_loader,
         schedule=WarmupCosineSchedule(optimizer, epochs=schedule.epochs, warmup_epochs=schedule.warmup_epochs,
                                       final_factor=schedule.final_factor),
-        checkpointer=Checkpointer(config.output_dir, rank=world.rank), metrics=log, world=world,
+        checkpointer=checkpointer or Checkpointer(config.output_dir, rank=world.rank), metrics=log, world=world,
         epochs=schedule.epochs, accum_steps=accum, precision=precision, eval_precision=config.eval.precision,
         label_smoothing=optim.label_smoothing, mixup=mixup, grad_clip=optim.grad_clip,
         log_every=config.logging.log_every,
@@ -160,11 +170,12 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger) -> Traine
     )
 
 
-# Keys a resumed run may change: where data, outputs and CLIP weights live (the checkpoint holds the
+# Keys a resumed run may change: where data, outputs and weight files live (the checkpoint holds the
 # weights), how the run reports, checkpoints and validates, and its length (the cosine then runs on
 # to the new last epoch).
-RESUME_MAY_CHANGE = ("output_dir", "compile", "model.clip_weights", "data.shards", "data.num_threads", "data.on_error",
-                     "data.eval_batch_size", "logging.", "checkpoint.", "eval.", "schedule.epochs")
+RESUME_MAY_CHANGE = ("output_dir", "compile", "model.clip_weights", "model.init_weights", "data.shards",
+                     "data.num_threads", "data.on_error", "data.eval_batch_size", "logging.", "checkpoint.", "eval.",
+                     "schedule.epochs")
 
 
 def check_resume_config(saved: dict, current: dict, path: Path) -> list[str]:
@@ -179,11 +190,15 @@ def check_resume_config(saved: dict, current: dict, path: Path) -> list[str]:
 
 
 def train(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
-    trainer = build_trainer(config, world, log)
-    checkpointer = trainer.checkpointer
+    checkpointer = Checkpointer(config.output_dir, rank=world.rank)
     checkpoint = checkpointer.load_last() if args.resume else None
-    if checkpoint is not None:
+    if checkpoint is None and not args.resume and checkpointer.last_path.exists():
+        raise SystemExit(f"{checkpointer.last_path} exists: pass --resume to continue that run, "
+                         "or set output_dir=... to start a new one")
+    if checkpoint is not None:  # checked before anything is built
         changes = check_resume_config(checkpoint["config"], config_to_dict(config), checkpointer.last_path)
+    trainer = build_trainer(config, world, log, checkpointer, resuming=checkpoint is not None)
+    if checkpoint is not None:
         trainer.restore(checkpoint)
         if changes:
             log.info(f"resumed with config changes: {'; '.join(changes)}")
@@ -196,9 +211,6 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
                  f"step {checkpoint['step']}, batch {checkpoint['batch_in_epoch']})")
     elif args.resume:
         log.info(f"--resume: no checkpoint in {config.output_dir}, starting from scratch")
-    elif checkpointer.last_path.exists():
-        raise SystemExit(f"{checkpointer.last_path} exists: pass --resume to continue that run, "
-                         "or set output_dir=... to start a new one")
     if world.is_main:
         save_config(config, Path(config.output_dir) / "config.yaml")
     trainer.fit()

@@ -4,6 +4,7 @@ from tdsclip.model import TDSCLIP, ModelConfig, build_model, tiny_config, traina
 from tdsclip.weights import (
     CheckpointError,
     export_official,
+    init_from_checkpoint,
     load_clip_weights,
     load_model,
     model_checkpoint,
@@ -17,6 +18,7 @@ __all__ = [
     "ModelConfig",
     "build_model",
     "export_official",
+    "init_from_checkpoint",
     "load_clip_weights",
     "load_model",
     "model_checkpoint",

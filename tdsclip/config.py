@@ -35,6 +35,7 @@ class ModelSection(ModelConfig):
     CLIP weights live."""
 
     clip_weights: str | None = None  # local CLIP file; None = random frozen backbone (demo/tests)
+    init_weights: str | None = None  # a trained TDS-CLIP (official or ours) to start from; the head only if it fits
 
     def __post_init__(self) -> None:
         try:
@@ -43,7 +44,7 @@ class ModelSection(ModelConfig):
             raise ConfigError(str(error)) from None
 
     def model_config(self) -> ModelConfig:
-        """The network's own config (everything but clip_weights)."""
+        """The network's own config (everything but where weights come from)."""
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
 

@@ -326,6 +326,27 @@ def load_model(path: str | os.PathLike, num_segments: int | None = None) -> TDSC
     return model.eval()
 
 
+# The sizes two networks must share for one's weights to start the other (the head may differ).
+SHARED_SIZES = ("width", "layers", "heads", "patch_size", "image_size", "side_dim", "frames_per_segment", "quick_gelu")
+
+
+def init_from_checkpoint(model: TDSCLIP, path: str | os.PathLike) -> list[str]:
+    """Start `model` from the weights of a trained TDS-CLIP (official or ours), e.g. Kinetics-400
+    weights for Something-Something: everything but a classifier of another class count is copied.
+
+    Returns the names of the parameters left as they were (the head when the class counts differ).
+    """
+    source = load_model(path, num_segments=model.config.num_segments)
+    differ = [f"{name}: {getattr(source.config, name)} in the checkpoint, {getattr(model.config, name)} here"
+              for name in SHARED_SIZES if getattr(source.config, name) != getattr(model.config, name)]
+    if differ:
+        raise CheckpointError(f"{path} holds another network ({'; '.join(differ)}); set model.* to match it")
+    state, own = source.state_dict(), model.state_dict()
+    kept = sorted(name for name, tensor in own.items() if state[name].shape != tensor.shape)
+    model.load_state_dict({name: t for name, t in state.items() if name not in kept}, strict=False)
+    return kept
+
+
 def _load_official(state: dict, num_segments: int | None, path: Path) -> TDSCLIP:
     try:
         return load_official_state(state, 8 if num_segments is None else num_segments)

@@ -116,11 +116,14 @@ def test_loaders_follow_the_models_clip_geometry_and_data_sampling(shards, tmp_p
     assert train.spec.sampling_scheme == val.spec.sampling_scheme == "kinetics"
 
 
-def test_train_without_validation(shards, tmp_path, capsys):
+def test_fine_tune_from_official_weights_without_validation(shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1", "data.val_split=null")]
+    args = ["--cfg", str(ROOT / "configs/demo.yaml"),
+            *overrides(shards, run_dir, "schedule.epochs=1", "data.val_split=null", f"model.init_weights={GOLDEN}",
+                       "model.width=64", "model.layers=2", "model.side_dim=64")]  # the golden network's sizes
     assert launch.main(args) == 0
     out = capsys.readouterr().out
+    assert f"initialized from {GOLDEN}; new head.fc.bias, head.fc.weight (other class count)" in out  # 5 -> 3
     assert "val top-1" not in out and f"checkpoints: {run_dir}/last.pt\n" in out
     assert (run_dir / "last.pt").is_file() and not (run_dir / "best.pt").exists()
 

@@ -214,3 +214,28 @@ def test_clip_weights_errors(openai_state, tmp_path):
     deeper = tdsclip.build_model(tdsclip.tiny_config(layers=3))
     with pytest.raises(CheckpointError, match="missing keys: transformer.resblocks.2"):
         tdsclip.load_clip_weights(deeper, tmp_path / "clip.pt")
+
+
+def test_init_from_checkpoint_copies_all_but_a_head_of_another_size(tmp_path):
+    torch.manual_seed(0)
+    trained = tdsclip.build_model(tdsclip.tiny_config(num_classes=3))
+    tdsclip.save_model(trained, tmp_path / "k400.pt")
+    target = tdsclip.build_model(tdsclip.tiny_config(num_classes=5))
+    head_before = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("head.")}
+    kept = tdsclip.init_from_checkpoint(target, tmp_path / "k400.pt")
+    assert kept == ["head.fc.bias", "head.fc.weight"]
+    for name, tensor in target.state_dict().items():
+        expected = head_before[name] if name in kept else trained.state_dict()[name]
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=0, msg=name)
+
+    same = tdsclip.build_model(tdsclip.tiny_config(num_classes=3))
+    assert tdsclip.init_from_checkpoint(same, tmp_path / "k400.pt") == []  # everything, head included
+    with pytest.raises(CheckpointError, match="side_dim: 64 in the checkpoint, 32 here"):
+        tdsclip.init_from_checkpoint(tdsclip.build_model(tdsclip.tiny_config(side_dim=32)), tmp_path / "k400.pt")
+
+
+def test_init_from_an_official_checkpoint(official_state, clips):
+    official = tdsclip.load_model(GOLDEN)
+    model = tdsclip.build_model(official.config)
+    assert tdsclip.init_from_checkpoint(model, GOLDEN) == []
+    torch.testing.assert_close(outputs(model, clips), outputs(official, clips), rtol=0, atol=0)

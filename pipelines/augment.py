@@ -112,12 +112,15 @@ def parse_randaugment(spec: str) -> tuple[int, int, float]:
     return n, m, mstd
 
 
-# RandAugment operations: DALI's monotonic suite (nvidia.dali.auto_aug.rand_augment), indexed by the
-# op numbers that plan.py draws per clip. Magnitudes 0-10 in steps of 1/RA_BINS_PER_UNIT.
-RA_OPS = ("translate_x", "translate_y", "shear_x", "shear_y", "rotate", "brightness", "contrast", "color",
-          "sharpness", "posterize", "solarize", "equalize", "auto_contrast", "identity")
-RA_NUM_OPS = len(RA_OPS)
+# RandAugment operations: timm's increasing set (the official "inc1"), in timm's order, as
+# nvidia.dali.auto_aug operations, indexed by the op numbers that plan.py draws per clip; "identity"
+# (last, never drawn) stands for an op that was drawn but not applied. Magnitudes 0-10 in steps of
+# 1/RA_BINS_PER_UNIT.
+RA_OPS = ("auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
+          "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y", "identity")
 RA_IDENTITY = RA_OPS.index("identity")
+RA_NUM_DRAWN = RA_IDENTITY  # timm's 15
+RA_TRANSLATE = 0.45  # timm's translate_pct: the largest shift, as a share of the frame size
 RA_BINS_PER_UNIT = 10
 RA_NUM_BINS = 10 * RA_BINS_PER_UNIT + 1
 
@@ -177,22 +180,31 @@ def _posterize_mask(magnitude_bin) -> np.ndarray:
     return np.uint8((0xFF << (8 - posterize_bits(magnitude_bin))) & 0xFF)  # keep the top bits
 
 
-def _rand_augment_suite(shape: tuple[int, int]):
-    """DALI's RandAugment suite for frames of `shape` (H, W): translations done as whole-pixel shifts,
-    posterize at timm's increasing strength."""
+def _solarize_add_shift(magnitude_bin) -> np.ndarray:
+    return np.uint8(int(magnitude_bin) * 110 // (RA_NUM_BINS - 1))  # timm: int(level / 10 * 110)
+
+
+def _rand_augment_suite(shape: tuple[int, int]) -> list:
+    """The RA_OPS operations for frames of `shape` (H, W): DALI's monotonic RandAugment suite plus its
+    invert and solarize_add, at timm's magnitudes; translations done as whole-pixel shifts."""
+    from nvidia.dali.auto_aug import augmentations as ops
     from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
 
-    suite = dali_rand_augment.get_rand_augment_suite(use_shape=True)
-    names = tuple(op.name.rsplit(".", 1)[-1] for op in suite)
-    if names != RA_OPS:  # the op numbers in plans must mean the same operations
-        raise RuntimeError(f"DALI's RandAugment suite changed: {names}, expected {RA_OPS}")
+    suite = dali_rand_augment.get_rand_augment_suite(use_shape=True, max_translate_rel=RA_TRANSLATE)
+    by_name = {op.name.rsplit(".", 1)[-1]: op for op in suite}
+    by_name["invert"] = ops.invert
+    # Integer magnitudes: the mappings get the bin numbers themselves (exact, unlike float bins).
+    bins = np.arange(RA_NUM_BINS)
+    by_name["posterize"] = ops.posterize.augmentation(mag_range=bins, randomly_negate=False,
+                                                      mag_to_param=_posterize_mask)
+    by_name["solarize_add"] = ops.solarize_add.augmentation(mag_range=bins, randomly_negate=False,
+                                                            mag_to_param=_solarize_add_shift)
+    missing = [name for name in RA_OPS if name not in by_name]
+    if missing:  # the op numbers in plans must mean the same operations
+        raise RuntimeError(f"DALI's RandAugment suite has no {missing}; it has {sorted(by_name)}")
     for axis, name in ((1, "translate_x"), (0, "translate_y")):
-        suite[RA_OPS.index(name)] = _as_shift(suite[RA_OPS.index(name)], axis, shape)
-    posterize = RA_OPS.index("posterize")
-    # The magnitudes handed to the mask are the bin numbers themselves: exact integer arithmetic.
-    suite[posterize] = suite[posterize].augmentation(mag_range=np.arange(RA_NUM_BINS), randomly_negate=False,
-                                                     mag_to_param=_posterize_mask)
-    return suite
+        by_name[name] = _as_shift(by_name[name], axis, shape)
+    return [by_name[name] for name in RA_OPS]
 
 
 def rand_augment(images, draws, n: int, size: int):

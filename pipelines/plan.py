@@ -248,7 +248,7 @@ def _rand_augment_draws(rows: int, views: int, n: int, m: int, mstd: float,
                         rng: np.random.Generator) -> np.ndarray:
     """timm RandAugment choices per clip and view: n ops drawn with replacement, each applied with
     p=0.5 (else identity), magnitude m plus N(0, mstd) noise clipped to [0, 10], random sign."""
-    ops = rng.integers(0, augment.RA_NUM_OPS, (rows, views, n))
+    ops = rng.integers(0, augment.RA_NUM_DRAWN, (rows, views, n))
     ops = np.where(rng.random((rows, views, n)) < 0.5, ops, augment.RA_IDENTITY)
     magnitude = np.clip(rng.normal(m, mstd, (rows, views, n)) if mstd > 0 else np.full((rows, views, n), m), 0, 10)
     bins = np.rint(magnitude * augment.RA_BINS_PER_UNIT)

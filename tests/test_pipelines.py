@@ -209,7 +209,7 @@ def test_randaugment_same_ops_for_every_frame_of_a_clip_and_clips_differ(tmp_pat
     assert (plain == plain[:1, :1]).all() and not torch.equal(plain, clips)
     draws = data.plan(0).ra  # (R, O, 3, n): op, magnitude bin, sign per clip and view
     assert draws.shape == (8, 1, 3, 1)
-    identity = draws[:, 0, 0, 0] == augment.RA_IDENTITY  # drawn identity, or not applied (p=0.5)
+    identity = draws[:, 0, 0, 0] == augment.RA_IDENTITY  # drawn but not applied (p=0.5)
     changed = (clips[:, 0] - plain[:, 0]).abs().flatten(1).amax(1) > 1e-3
     assert not changed[torch.from_numpy(identity)].any()
 

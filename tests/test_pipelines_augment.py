@@ -8,6 +8,7 @@ import torch
 
 import pipelines
 from pipelines import augment
+from pipelines import plan as plan_module
 from test_pipelines import SIZE, gradient_image, write_shards
 
 
@@ -100,7 +101,8 @@ def test_randaugment_translate_is_dalis_translate_in_whole_pixels(name):
     index = augment.RA_OPS.index(name)
     image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
     ours = augment._rand_augment_suite(image.shape[:2])[index]
-    dalis = dali_rand_augment.get_rand_augment_suite(use_shape=True)[index]
+    suite = dali_rand_augment.get_rand_augment_suite(use_shape=True, max_translate_rel=augment.RA_TRANSLATE)
+    (dalis,) = [op for op in suite if op.name.endswith(name)]
     bins = np.repeat(np.arange(augment.RA_NUM_BINS, dtype=np.int32), 2)
     signs = np.tile(np.arange(2, dtype=np.int32), augment.RA_NUM_BINS)
 
@@ -120,26 +122,48 @@ def test_randaugment_translate_is_dalis_translate_in_whole_pixels(name):
     assert (shifted[-2] != image).any() and (shifted[-2] == 128).any()  # the largest shift moves and pads
 
 
-def test_randaugment_posterize_keeps_timms_increasing_bits():
-    """Official inc1 posterize: 4 - int(m/10*4) bits, applied as PIL's ImageOps.posterize, per bin."""
-    from nvidia.dali import fn, pipeline_def
+def _timm_reference(name: str, image: np.ndarray, magnitude_bin: int) -> np.ndarray:
+    """What timm's increasing op (the official inc1) makes of `image` at a magnitude bin (level = bin / 10)."""
     from PIL import Image, ImageOps
 
+    if name == "posterize":
+        bits = augment.posterize_bits(magnitude_bin)  # 0 only at m=10: black, as PIL did before it refused 0 bits
+        return np.asarray(ImageOps.posterize(Image.fromarray(image), bits)) if bits else np.zeros_like(image)
+    if name == "solarize_add":
+        add = int(magnitude_bin / augment.RA_BINS_PER_UNIT / 10 * 110)
+        return np.where(image < 128, np.minimum(image.astype(int) + add, 255), image).astype(np.uint8)
+    assert name == "invert"
+    return np.asarray(ImageOps.invert(Image.fromarray(image)))
+
+
+@pytest.mark.parametrize("name", ["posterize", "solarize_add", "invert"])
+def test_randaugment_pixel_ops_match_timms_increasing_set(name):
+    """Per magnitude bin, exactly what the official timm ops do (posterize: 2 bits at m=7, not DALI's 5)."""
+    from nvidia.dali import fn, pipeline_def
+
     assert [augment.posterize_bits(b) for b in (0, 24, 25, 70, 74, 75, 99, 100)] == [4, 4, 3, 2, 2, 1, 1, 0]
-    ours = augment._rand_augment_suite((8, 8))[augment.RA_OPS.index("posterize")]
+    ours = augment._rand_augment_suite((8, 8))[augment.RA_OPS.index(name)]
     image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     bins = np.arange(augment.RA_NUM_BINS, dtype=np.int32)
 
     @pipeline_def(batch_size=len(bins), num_threads=1, device_id=None)
-    def posterized():
+    def applied():
         images = fn.external_source(source=lambda: [image] * len(bins), batch=True, layout="HWC")
         magnitude = fn.external_source(source=lambda: list(bins), batch=True)
         return ours(images, magnitude_bin=magnitude, num_magnitude_bins=augment.RA_NUM_BINS)
 
-    pipe = posterized()
+    pipe = applied()
     pipe.build()
     (out,) = pipe.run()
     for b, got in zip(bins, out):
-        bits = augment.posterize_bits(b)  # 0 only at m=10: black, as PIL did before it refused 0 bits
-        expected = np.asarray(ImageOps.posterize(Image.fromarray(image), bits)) if bits else np.zeros_like(image)
-        np.testing.assert_array_equal(np.asarray(got), expected, err_msg=f"bin {b}")
+        np.testing.assert_array_equal(np.asarray(got), _timm_reference(name, image, int(b)), err_msg=f"bin {b}")
+
+
+def test_randaugment_draws_timms_fifteen_ops():
+    assert augment.RA_NUM_DRAWN == 15 and augment.RA_OPS[augment.RA_IDENTITY] == "identity"
+    assert {"invert", "solarize_add"} <= set(augment.RA_OPS[:augment.RA_NUM_DRAWN])
+    draws = plan_module._rand_augment_draws(4000, 1, 2, 7, 0.5, np.random.default_rng(0))  # (R, O, 3, n)
+    ops = draws[:, 0, 0].ravel()
+    applied = ops[ops != augment.RA_IDENTITY]
+    assert 0.45 < len(applied) / len(ops) < 0.55  # each drawn op applies with p=0.5
+    assert set(applied.tolist()) == set(range(15)) and np.bincount(applied).min() > 0.7 * len(applied) / 15

@@ -125,16 +125,16 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
                   resuming: bool = False) -> Trainer:
     """Model, data, optimizer, schedule and checkpointer (default: in output_dir) from the config, wired
     into a Trainer. `resuming`: the weights will come from a checkpoint, so no weight files are read."""
-    model = build_model(config, log, load_weights=not resuming).to(world.device)
     precision = resolve_precision(config, world)
     use_compile = config.compile if config.compile is not None else world.device.type == "cuda"
-    data, mcfg = config.data, model.config
+    data, mcfg = config.data, config.model.model_config()
     per_device, accum = derive_batch(data.global_batch_size, world.world_size, data.max_device_batch_size)
+    train_loader, val_loader = build_loaders(config, world, mcfg, per_device)  # data errors before a model is built
     log.info(f"batch: {data.global_batch_size} videos per step = {plural(world.world_size, 'process')} x "
              f"{per_device} per device x {plural(accum, 'accumulation step')} (x{data.num_sample} views each); "
              f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, "
              f"device {world.device}")
-    train_loader, val_loader = build_loaders(config, world, mcfg, per_device)
+    model = build_model(config, log, load_weights=not resuming).to(world.device)
     train_model = eval_model = model
     if world.distributed:
         device_ids = [world.local_rank] if world.device.type == "cuda" else None

@@ -225,6 +225,10 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
 
 def test(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
     model = tdsclip.load_model(args.weights, num_segments=config.model.num_segments).to(world.device)
+    net = model.config  # the weights' network; T from the config (official files do not record it)
+    log.info(f"weights: {args.weights} ({net.arch or f'width {net.width}, {net.layers} layers'}, side_dim "
+             f"{net.side_dim}, {net.num_classes} classes), {net.num_segments} segments of "
+             f"{net.frames_per_segment} frames")
     crops, clips = config.eval.test_crops, config.eval.test_clips
     tars = shard_paths(config.data.shards, config.data.test_split)
     loader = pipelines.loader(tars, "test", config.data.eval_batch_size, model.config.num_segments,
@@ -245,8 +249,9 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
         write_results(result, path)
     log.log(0, {"test/top1": result["top1"], "test/top5": result["top5"],
                 "test/mean_class_acc": result["mean_class_acc"]})
-    log.info(f"test ({plural(crops, 'crop')} x {plural(clips, 'clip')}, {result['num_videos']} videos): top-1 {result['top1']:.2f}%  "
-             f"top-5 {result['top5']:.2f}%  mean class {result['mean_class_acc']:.2f}%  -> {path}")
+    log.info(f"test ({plural(crops, 'crop')} x {plural(clips, 'clip')}, {result['num_videos']} videos): "
+             f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  mean class {result['mean_class_acc']:.2f}%  "
+             f"-> {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -239,7 +240,8 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     result = evaluate(model, loader, views=loader.views, num_classes=model.config.num_classes,
                       device=world.device, precision=config.eval.precision, keep_predictions=True)
     skipped = sorted(key for keys in all_gather_objects(loader.skipped) for key in keys)
-    result.update(weights=str(args.weights), test_crops=crops, test_clips=clips, skipped=skipped)
+    result.update(weights=str(args.weights), model=dataclasses.asdict(net), test_crops=crops, test_clips=clips,
+                  skipped=skipped)
     if skipped:
         log.info(f"skipped {len(skipped)} unreadable sample(s) (data.on_error: skip), not counted: "
                  f"{', '.join(skipped)}")

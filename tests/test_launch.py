@@ -242,6 +242,7 @@ def test_multiview_test_on_official_checkpoint(shards, tmp_path, capsys):
     result = json.loads((run_dir / "test_results.json").read_text())
     num_val = pipelines.loader(shard_paths(shards, "val"), "val", 4, 2, image_size=16, resize=18).num_samples
     assert result["num_videos"] == num_val and result["views"] == 6
+    assert result["model"]["side_dim"] == official.config.side_dim and result["model"]["num_segments"] == 2
     keys = [p["key"] for p in result["predictions"]]
     assert len(set(keys)) == len(keys) == num_val  # every video once
     hits = [p["top5"][0] == p["label"] for p in result["predictions"]]

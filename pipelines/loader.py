@@ -1,9 +1,6 @@
 """`pipelines.loader(...)`: batches of clips from shards, on the training device, one epoch per iteration."""
 
-import contextlib
 import os
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -245,8 +242,7 @@ class Loader:
                                   **options)
         else:
             pipe = eval_pipeline(source, **options)
-        with _ctrl_c_ignored_by_new_processes() if self.py_workers else contextlib.nullcontext():
-            pipe.build()  # starts the reader processes (py_workers)
+        pipe.build()  # starts the reader processes (py_workers), which ignore Ctrl-C (ClipSource.__setstate__)
         return pipe
 
     def _assemble(self, outputs, plan: EpochPlan, batch_index: int) -> dict:
@@ -285,20 +281,6 @@ class Loader:
         if self.on_error == "raise":
             raise next(iter(bad.values())) from error
         self._skipped_ids.update(bad)
-
-
-@contextlib.contextmanager
-def _ctrl_c_ignored_by_new_processes():
-    """SIGINT ignored while DALI spawns its reader processes, which keep that setting: Ctrl-C then stops
-    the main process alone (which shuts them down) instead of printing a traceback from each of them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _default_threads() -> int:

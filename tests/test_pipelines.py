@@ -396,6 +396,44 @@ def test_reader_worker_processes_give_the_same_batches_over_epochs(frame_shards)
     assert not Path(shared).exists()
 
 
+def test_ctrl_c_stops_the_main_process_only_even_while_reader_processes_start(frame_shards, monkeypatch):
+    import importlib
+    import os
+    import signal
+    import time
+
+    loader_module = importlib.import_module("pipelines.loader")  # the module, not the function of that name
+    real_train_pipeline = loader_module.train_pipeline
+
+    def interrupted_while_building(*args, **kwargs):
+        pipe = real_train_pipeline(*args, **kwargs)
+        build = pipe.build
+
+        def build_after_ctrl_c():
+            os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C came while the readers start (~1-2 s)
+            time.sleep(0.1)
+            build()
+        pipe.build = build_after_ctrl_c
+        return pipe
+
+    monkeypatch.setattr(loader_module, "train_pipeline", interrupted_while_building)
+    data = pipelines.loader(frame_shards, "train", 2, num_segments=2, num_threads=1, py_workers=2, **SIZE)
+    with pytest.raises(KeyboardInterrupt):
+        next(iter(data))
+    monkeypatch.undo()
+
+    data = pipelines.loader(frame_shards, "train", 2, num_segments=2, num_threads=1, py_workers=2, **SIZE)
+    first = next(iter(data))
+    readers = multiprocessing.active_children()
+    assert len(readers) == 2
+    for reader in readers:  # a terminal's Ctrl-C reaches the whole process group
+        os.kill(reader.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(reader.is_alive() for reader in readers)  # they leave it to the main process
+    assert next(iter(data))["clips"].shape == first["clips"].shape
+    data.close()
+
+
 def test_train_skip_replaces_the_bad_video(broken_shards):
     data = pipelines.loader(list(map(str, sorted(broken_shards.glob("test-*.tar")))), "train", 2, num_segments=2,
                             num_threads=1, on_error="skip", seed=1, **SIZE)

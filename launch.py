@@ -15,20 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import pipelines
 import tdsclip
-from pipelines.augment import parse_randaugment
-from pipelines.reader import shard_paths
 from shards.manifest import ShardFormatError
+from tdsclip.build import build_test_loader, build_trainer, check_pipeline_options
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_diff, config_to_dict, load_config, save_config
 from tdsclip.distributed import World, all_gather_objects, close_distributed, init_distributed
-from tdsclip.metrics import MetricsLogger, device_peak_tflops, train_flops_per_clip
-from tdsclip.optim import WarmupCosineSchedule, build_optimizer
-from tdsclip.train import NonFiniteLossError, Trainer, build_mixup, derive_batch, evaluate, write_results
-
+from tdsclip.metrics import MetricsLogger, plural
+from tdsclip.train import NonFiniteLossError, evaluate, write_results
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,127 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, flag) is not None:
             args.overrides.append(f"eval.{flag}={getattr(args, flag)}")
     return args
-
-
-def loader_options(config: RunConfig, world: World, model_config: tdsclip.ModelConfig) -> dict:
-    """The pipeline options train, val and test share: this rank, the model's clip geometry, data.*."""
-    data = config.data
-    return dict(rank=world.rank, world_size=world.world_size, seed=config.seed, sampling=data.sampling,
-                frames_per_segment=model_config.frames_per_segment, image_size=model_config.image_size,
-                resize=tuple(data.resize) if isinstance(data.resize, list) else data.resize,
-                num_threads=data.num_threads, on_error=data.on_error)
-
-
-def build_loaders(config: RunConfig, world: World, model_config: tdsclip.ModelConfig, batch_size: int) -> tuple:
-    """The train and val pipelines of this rank (manifests named by data.train_split / data.val_split; no
-    val pipeline when data.val_split is null)."""
-    data, segments = config.data, model_config.num_segments
-    options = loader_options(config, world, model_config)
-    train = pipelines.loader(shard_paths(data.shards, data.train_split), "train", batch_size, segments, **options,
-                             num_sample=data.num_sample, flip=data.flip, flip_label_map=data.flip_label_map,
-                             grayscale_prob=data.grayscale_prob, randaugment=data.randaugment)
-    val = None
-    if data.val_split is not None:
-        val = pipelines.loader(shard_paths(data.shards, data.val_split), "val", data.eval_batch_size, segments,
-                               **options)
-    for loader, split in ((train, data.train_split), (val, data.val_split)):
-        if loader is not None:
-            check_labels(loader, model_config.num_classes, f"split {split!r} of {data.shards}",
-                         "set model.num_classes to the shards' number of classes")
-    return train, val
-
-
-def check_pipeline_options(config: RunConfig) -> None:
-    """Options that only the pipelines can parse, checked before anything is built."""
-    if config.data.randaugment:
-        try:
-            parse_randaugment(config.data.randaugment)
-        except ValueError as error:
-            raise ConfigError(f"data.randaugment: {error}") from None
-
-
-def check_labels(loader, num_classes: int, data: str, remedy: str) -> None:
-    """Every label of `data` must be a class of the model (a mismatch otherwise fails in the loss)."""
-    top = max(sample.label for sample in loader.samples)
-    if top >= num_classes:
-        raise ConfigError(f"{data} has label {top}, but the model has {num_classes} classes: {remedy}")
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 'es' if noun.endswith('s') else 's'}"
-
-
-def resolve_precision(config: RunConfig, world: World) -> str:
-    if config.precision != "auto":
-        return config.precision
-    return "bf16" if world.device.type == "cuda" else "fp32"
-
-
-def build_model(config: RunConfig, log: MetricsLogger, *, load_weights: bool = True) -> torch.nn.Module:
-    """The network; with `load_weights`, the frozen backbone from model.clip_weights and then everything
-    from model.init_weights (a resumed run takes all its weights from its checkpoint instead)."""
-    model = tdsclip.build_model(config.model.model_config())
-    if not load_weights:
-        return model
-    if config.model.clip_weights:
-        tdsclip.load_clip_weights(model, config.model.clip_weights)
-        log.info(f"CLIP weights: {config.model.clip_weights}")
-    else:
-        log.info("CLIP weights: none (model.clip_weights is null) -- the frozen backbone keeps random weights")
-    if config.model.init_weights:
-        kept = tdsclip.init_from_checkpoint(model, config.model.init_weights)
-        log.info(f"initialized from {config.model.init_weights}" +
-                 (f"; new {', '.join(kept)} (other class count)" if kept else ""))
-    return model
-
-
-def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpointer: Checkpointer | None = None, *,
-                  resuming: bool = False) -> Trainer:
-    """Model, data, optimizer, schedule and checkpointer (default: in output_dir) from the config, wired
-    into a Trainer. `resuming`: the weights will come from a checkpoint, so no weight files are read."""
-    precision = resolve_precision(config, world)
-    use_compile = config.compile if config.compile is not None else world.device.type == "cuda"
-    data, mcfg = config.data, config.model.model_config()
-    per_device, accum = derive_batch(data.global_batch_size, world.world_size, data.max_device_batch_size)
-    train_loader, val_loader = build_loaders(config, world, mcfg, per_device)  # data errors before a model is built
-    log.info(f"batch: {data.global_batch_size} videos per step = {plural(world.world_size, 'process')} x "
-             f"{per_device} per device x {plural(accum, 'accumulation step')} (x{data.num_sample} views each); "
-             f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, "
-             f"device {world.device}")
-    model = build_model(config, log, load_weights=not resuming).to(world.device)
-    train_model = eval_model = model
-    if world.distributed:
-        device_ids = [world.local_rank] if world.device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=device_ids)
-    if use_compile:
-        train_model, eval_model = torch.compile(train_model), torch.compile(model)
-    optim, schedule = config.optim, config.schedule
-    optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
-                                eps=optim.eps, clip_ratio=optim.clip_ratio, bn_lr_ratio=optim.bn_lr_ratio)
-    mixup = None
-    if optim.mixup:
-        if per_device * data.num_sample % 2:
-            raise ConfigError(f"optim.mixup mixes pairs: the per-device batch ({per_device} videos x "
-                              f"{data.num_sample} views) must be even; change data.global_batch_size")
-        mixup = build_mixup(num_classes=mcfg.num_classes, mixup_alpha=optim.mixup_alpha,
-                            cutmix_alpha=optim.cutmix_alpha, switch_prob=optim.mixup_switch_prob,
-                            label_smoothing=optim.label_smoothing)
-    peak = config.logging.peak_tflops or device_peak_tflops(world.device)
-    clip_shape = (mcfg.num_segments, mcfg.frames_per_segment, 3, mcfg.image_size, mcfg.image_size)
-    flops_per_clip = train_flops_per_clip(model, clip_shape, world.device) if peak else None  # one step, for MFU
-    return Trainer(
-        model=model, train_model=train_model, eval_model=eval_model, optimizer=optimizer,
-        train_loader=train_loader, val_loader=val_loader,
-        schedule=WarmupCosineSchedule(optimizer, epochs=schedule.epochs, warmup_epochs=schedule.warmup_epochs,
-                                      final_factor=schedule.final_factor),
-        checkpointer=checkpointer or Checkpointer(config.output_dir, rank=world.rank), metrics=log, world=world,
-        epochs=schedule.epochs, accum_steps=accum, precision=precision, eval_precision=config.eval.precision,
-        label_smoothing=optim.label_smoothing, mixup=mixup, grad_clip=optim.grad_clip,
-        log_every=config.logging.log_every,
-        checkpoint_every=config.checkpoint.every_steps, eval_every=config.eval.every_epochs,
-        skip_epochs=config.eval.skip_epochs, save_best=config.checkpoint.save_best, config=config_to_dict(config),
-        flops_per_clip=flops_per_clip, peak_tflops=peak,
-    )
 
 
 # Keys a resumed run may change: where data, outputs and weight files live (the checkpoint holds the
@@ -231,12 +106,7 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
              f"{net.side_dim}, {net.num_classes} classes), {net.num_segments} segments of "
              f"{net.frames_per_segment} frames")
     crops, clips = config.eval.test_crops, config.eval.test_clips
-    tars = shard_paths(config.data.shards, config.data.test_split)
-    loader = pipelines.loader(tars, "test", config.data.eval_batch_size, model.config.num_segments,
-                              **loader_options(config, world, model.config),
-                              test_crops=crops, test_clips=clips)
-    check_labels(loader, model.config.num_classes, f"split {config.data.test_split!r} of {config.data.shards}",
-                 f"the weights {args.weights} were trained for fewer classes; check --weights and data.test_split")
+    loader = build_test_loader(config, world, net, args.weights)
     result = evaluate(model, loader, views=loader.views, num_classes=model.config.num_classes,
                       device=world.device, precision=config.eval.precision, keep_predictions=True)
     skipped = sorted(key for keys in all_gather_objects(loader.skipped) for key in keys)

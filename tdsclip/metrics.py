@@ -153,3 +153,8 @@ def train_flops_per_clip(model: torch.nn.Module, clip_shape: tuple[int, ...], de
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return float(counter.get_total_flops())
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 process", "2 processes", "4 crops": a count for a log line."""
+    return f"{count} {noun}{'' if count == 1 else 'es' if noun.endswith('s') else 's'}"

@@ -16,6 +16,7 @@ import launch
 import pipelines
 import tdsclip
 from pipelines.reader import shard_paths
+from tdsclip.build import build_loaders, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "golden_tiny" / "checkpoint.pt"
@@ -111,7 +112,7 @@ def test_loaders_follow_the_models_clip_geometry_and_data_sampling(shards, tmp_p
     config = load_config(ROOT / "configs/demo.yaml", overrides(shards, tmp_path, "model.frames_per_segment=3",
                                                                "data.sampling=kinetics"))
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    train, val = launch.build_loaders(config, world, config.model.model_config(), batch_size=2)
+    train, val = build_loaders(config, world, config.model.model_config(), batch_size=2)
     assert next(iter(val))["clips"].shape == (4, 2, 3, 3, 16, 16)  # (B, T, M=3, 3, S, S)
     assert train.spec.sampling_scheme == val.spec.sampling_scheme == "kinetics"
 
@@ -196,7 +197,7 @@ def test_resume_mid_epoch_is_exact_with_real_pipeline(shards, tmp_path):
         config = load_config(ROOT / "configs/demo.yaml", overrides(shards, run_dir, "logging.tensorboard=false", *extra))
         torch.manual_seed(config.seed)
         log = MetricsLogger(run_dir, tensorboard=False, progress="plain")
-        return launch.build_trainer(config, init_distributed(), log)
+        return build_trainer(config, init_distributed(), log)
 
     full = build(tmp_path / "full")
     full.fit()

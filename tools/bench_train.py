@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import launch  # noqa: E402
+from tdsclip.build import build_trainer  # noqa: E402
 from tdsclip.config import load_config  # noqa: E402
 from tdsclip.distributed import init_distributed  # noqa: E402
 from tdsclip.metrics import MetricsLogger, StepTimer  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> None:
         config = load_config(args.cfg, [*args.overrides, f"output_dir={tmp}", "logging.tensorboard=false"])
         world = init_distributed()
         log = MetricsLogger(tmp, rank=world.rank, tensorboard=False, progress="plain")
-        trainer = launch.build_trainer(config, world, log)
+        trainer = build_trainer(config, world, log)
         trainer.train_model.train()
         needed = (args.warmup + args.steps) * trainer.accum_steps
         epochs = itertools.count()

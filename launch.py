@@ -26,6 +26,7 @@ from tdsclip.distributed import World, all_gather_objects, close_distributed, in
 from tdsclip.metrics import MetricsLogger, plural
 from tdsclip.train import NonFiniteLossError, evaluate, write_results
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="YAML run config (configs/...)")

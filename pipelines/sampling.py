@@ -82,12 +82,13 @@ def kinetics_val_centres(num_frames: int, num_segments: int) -> np.ndarray:
 
 def kinetics_test_centres(num_frames: int, num_segments: int, num_clips: int) -> np.ndarray:
     """Centres of K test clips, shape (K, T): int(start_k + i*n/T) with the K starts spread evenly over
-    the first segment (numpy's integer linspace from 0 to n/T - 1, as official)."""
+    the first segment (the official integer linspace from 0 to n/T - 1, truncated toward zero)."""
     n, t = _check(num_frames, num_segments)
     if num_clips < 1:
         raise ValueError(f"test_clips must be >= 1, got {num_clips}")
     tick = n / t
-    starts = np.linspace(0, tick - 1, num=num_clips, dtype=int)  # (K,)
+    # numpy >= 2 floors an integer linspace; the official code's numpy truncated (they differ when n < T)
+    starts = np.trunc(np.linspace(0, tick - 1, num=num_clips)).astype(int)  # (K,)
     return np.array([[int(start + tick * i) % n for i in range(t)] for start in starts.tolist()], dtype=np.int64)
 
 

@@ -26,8 +26,8 @@ from shards.sources import IMAGE_TMPL, Source, check_image_tmpl
 JPEG_MAGIC = b"\xff\xd8\xff"
 DEFAULT_FPS = 30.0
 RESIZE_INTERPOLATION = "AREA"
-# A video decoding to fewer than this share of the frames its header declares is truncated. Lenient:
-# durations are rounded, edit lists hide a few frames, and variable-rate videos only average out.
+# A video whose frames cover less than this share of the duration its header declares is truncated.
+# Lenient: durations are rounded, and the last frame's own duration is only estimated.
 TRUNCATED_BELOW = 0.75
 
 
@@ -140,34 +140,41 @@ def _encode_video_file(source: Source, path: Path, options: EncodeOptions) -> En
         # must be rejected rather than packed short. Workers give the parallelism.
         stream.thread_type = "SLICE"
         rate = stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FPS)
-        declared = declared_frames(container, stream, rate)
+        declared = declared_seconds(container, stream)
+        span: list[float] = []  # times of the first and the last decoded frame
         try:
-            sample = _encode_frames(source, container.decode(stream), Fraction(rate), options)
+            sample = _encode_frames(source, _timed(container.decode(stream), span), Fraction(rate), options)
         except av.FFmpegError as error:
             raise _Reject(f"undecodable: decoding failed ({error}); the file is truncated or corrupt") from None
-    decoded = sample.meta["num_frames"]
-    if declared is not None and decoded < TRUNCATED_BELOW * declared:  # FFmpeg stops quietly at a cut WebM's end
-        raise _Reject(f"undecodable: {decoded} frames decode of the ~{declared:.0f} its header declares; "
-                      "the file is truncated")
+    if declared and len(span) == 2:  # FFmpeg stops quietly at a cut WebM's end: compare the time covered
+        covered = span[1] - span[0] + 1 / float(rate)
+        if covered < TRUNCATED_BELOW * declared:
+            raise _Reject(f"undecodable: its frames cover {covered:.2f} s of the {declared:.2f} s its header "
+                          "declares; the file is truncated")
     return sample
 
 
-def declared_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
-                    rate: Fraction) -> float | None:
-    """How many frames the file says the video stream has: its frame count (MP4), else its duration
-    (the stream's, Matroska's per-track DURATION tag, or the container's) times the frame rate."""
-    if stream.frames:
-        return float(stream.frames)
+def declared_seconds(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    """How long the file says the video stream lasts: the stream's duration (after MP4 edit lists),
+    else Matroska's per-track DURATION tag, else the container's when the video is its only stream."""
     if stream.duration and stream.time_base:
-        seconds = float(stream.duration * stream.time_base)
-    elif match := re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", stream.metadata.get("DURATION", "")):
+        return float(stream.duration * stream.time_base)
+    if match := re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", stream.metadata.get("DURATION", "")):
         hours, minutes, secs = match.groups()
-        seconds = int(hours) * 3600 + int(minutes) * 60 + float(secs)
-    elif container.duration and len(container.streams) == 1:  # another stream may run longer
-        seconds = container.duration / av.time_base
-    else:
-        return None
-    return seconds * float(rate)
+        return int(hours) * 3600 + int(minutes) * 60 + float(secs)
+    if container.duration and len(container.streams) == 1:  # another stream may run longer
+        return container.duration / av.time_base
+    return None
+
+
+def _timed(frames: Iterator[av.VideoFrame], span: list[float]) -> Iterator[av.VideoFrame]:
+    """The frames, noting in `span` the time of the first and of the latest one."""
+    for frame in frames:
+        if frame.time is not None:
+            if not span:
+                span.append(frame.time)  # the first
+            span[1:] = [frame.time]  # the latest
+        yield frame
 
 
 def _encode_frames(source: Source, frames: Iterator[av.VideoFrame], rate: Fraction,

@@ -72,6 +72,11 @@ def test_kinetics_train_centres_cover_each_rounded_segment_with_both_ends():
     assert seen == [set(range(bounds[i], bounds[i + 1] + 1)) for i in range(4)]
 
 
+def test_kinetics_test_starts_truncate_toward_zero_for_videos_shorter_than_t():
+    # n=2, T=3: starts linspace(0, -1/3, 2) = [0, -0.33] -> [0, 0] (numpy 2's integer linspace would floor to -1)
+    np.testing.assert_array_equal(sampling.kinetics_test_centres(2, 3, 2), [[0, 0, 1], [0, 0, 1]])
+
+
 @pytest.mark.parametrize("num_frames", [1, 3, 8, 30, 301])
 def test_kinetics_short_videos_stay_in_range(num_frames):
     rng = np.random.default_rng(3)

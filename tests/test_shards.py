@@ -9,6 +9,7 @@ import json
 import os
 import tarfile
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -314,7 +315,45 @@ def test_a_cut_webm_is_rejected_not_packed_short(tmp_path):
     assert isinstance(whole, EncodedSample) and whole.meta["num_frames"] == 48
     cut = encode_source(Source(key="cut", path="cut.webm", label=0), tmp_path, options)
     assert isinstance(cut, Rejection), cut.meta
-    assert cut.reason.startswith("undecodable:") and "of the ~48 its header declares" in cut.reason
+    assert cut.reason.startswith("undecodable:") and "cover 1.12 s of the 1.92 s its header declares" in cut.reason
+
+
+def _write_timed(path: Path, pts_ms: list[int], *, packet_shift: int = 0) -> None:
+    """An H.264 MP4 / VP9 WebM whose frames are shown at `pts_ms`; packet_shift > 0 moves that many
+    leading packets before the start, so an MP4 edit list hides them (what `ffmpeg -ss -c copy` makes)."""
+    codec = "libvpx-vp9" if path.suffix == ".webm" else "libx264"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=30)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        if codec == "libx264":
+            stream.options = {"bf": "0", "g": "10"}
+
+        def mux(packets):
+            for packet in packets:
+                if packet_shift:
+                    packet.pts -= packet_shift
+                    packet.dts -= packet_shift
+                container.mux(packet)
+        for i, pts in enumerate(pts_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * 7 % 255, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            mux(stream.encode(frame))
+        mux(stream.encode(None))
+
+
+def test_complete_videos_with_odd_timing_are_not_taken_for_truncated(tmp_path):
+    from shards.encode import encode_source
+
+    variable = [int(i * 1000 / 30) for i in range(150)] + [5000 + i * 200 for i in range(50)]  # 30 fps, then 5
+    _write_timed(tmp_path / "vfr.webm", variable)
+    _write_timed(tmp_path / "vfr.mp4", variable)
+    _write_timed(tmp_path / "trimmed.mp4", [i * 40 for i in range(100)], packet_shift=2000)  # 2 s of 4 hidden
+    options = EncodeOptions(layout="frames", short_side=0)
+    for name in ("vfr.webm", "vfr.mp4", "trimmed.mp4"):
+        sample = encode_source(Source(key=name.replace(".", "_"), path=name, label=0), tmp_path, options)
+        assert isinstance(sample, EncodedSample), (name, sample.reason)
 
 
 def test_tars_read_as_plain_webdataset(dataset, tmp_path):

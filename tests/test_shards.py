@@ -244,6 +244,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(dataset, tmp_path):
     assert not any(name.endswith(".tmp") for name in partial) and "train.manifest.json" not in partial
     assert [name for name in partial if name.endswith(".tar")] == ["train-000000.tar"]
     (interrupted / "train-000002.tar.tmp").write_bytes(b"half a shard")  # as a killed process leaves it
+    (interrupted / ".train-000001.index.json.tmp4242").write_bytes(b"{")  # an index write killed midway
     started = []
     build_split(sources, dataset["root"], interrupted, ["0", "1", "2"], options, on_start=started.append, **kwargs)
     assert started[0] > 0 and _checksums(interrupted) == expected

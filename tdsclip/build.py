@@ -7,12 +7,15 @@ model.num_classes) are checked here, before anything expensive is built.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import pipelines
 from pipelines.augment import parse_randaugment
 from pipelines.reader import shard_paths
+from shards.manifest import read_manifest
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_to_dict
 from tdsclip.distributed import World
@@ -71,6 +74,16 @@ def check_pipeline_options(config: RunConfig) -> None:
             raise ConfigError(f"data.randaugment: {error}") from None
 
 
+def warn_on_class_count(config: RunConfig, num_classes: int, log: MetricsLogger) -> None:
+    """Say so when the training shards name another number of classes than the model has (e.g. a
+    fine-tune that kept the pretrained model.num_classes): labels fit, but the head is oversized."""
+    if isinstance(config.data.shards, str) and Path(config.data.shards).is_dir():
+        classes = read_manifest(config.data.shards, config.data.train_split, check_files=False).classes
+        if len(classes) != num_classes:
+            log.info(f"warning: the {config.data.train_split!r} shards name {len(classes)} classes and the model "
+                     f"has {num_classes} (model.num_classes); set it to {len(classes)} unless that is intended")
+
+
 def check_labels(loader, num_classes: int, data: str, remedy: str) -> None:
     """Every label of `data` must be a class of the model (a mismatch otherwise fails in the loss)."""
     top = max(sample.label for sample in loader.samples)
@@ -85,20 +98,21 @@ def resolve_precision(config: RunConfig, world: World) -> str:
 
 
 def build_model(config: RunConfig, log: MetricsLogger, *, load_weights: bool = True) -> torch.nn.Module:
-    """The network; with `load_weights`, the frozen backbone from model.clip_weights and then everything
-    from model.init_weights (a resumed run takes all its weights from its checkpoint instead)."""
+    """The network; with `load_weights`, all of it from model.init_weights when set, else its frozen
+    backbone from model.clip_weights (a resumed run takes all its weights from its checkpoint instead)."""
     model = build_network(config.model.model_config())
     if not load_weights:
         return model
-    if config.model.clip_weights:
+    if config.model.init_weights:  # holds the backbone too: no CLIP file needed
+        kept = init_from_checkpoint(model, config.model.init_weights)
+        copied = len(model.state_dict()) - len(kept)
+        log.info(f"weights: {copied} tensors (backbone, side network{', head' if not kept else ''}) from "
+                 f"{config.model.init_weights}" + (f"; new {', '.join(kept)} (other class count)" if kept else ""))
+    elif config.model.clip_weights:
         load_clip_weights(model, config.model.clip_weights)
         log.info(f"CLIP weights: {config.model.clip_weights}")
     else:
         log.info("CLIP weights: none (model.clip_weights is null) -- the frozen backbone keeps random weights")
-    if config.model.init_weights:
-        kept = init_from_checkpoint(model, config.model.init_weights)
-        log.info(f"initialized from {config.model.init_weights}" +
-                 (f"; new {', '.join(kept)} (other class count)" if kept else ""))
     return model
 
 
@@ -111,6 +125,7 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
     data, mcfg = config.data, config.model.model_config()
     per_device, accum = derive_batch(data.global_batch_size, world.world_size, data.max_device_batch_size)
     train_loader, val_loader = build_loaders(config, world, mcfg, per_device)  # data errors before a model is built
+    warn_on_class_count(config, mcfg.num_classes, log)
     log.info(f"batch: {data.global_batch_size} videos per step = {plural(world.world_size, 'process')} x "
              f"{per_device} per device x {plural(accum, 'accumulation step')} (x{data.num_sample} views each); "
              f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, "

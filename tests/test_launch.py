@@ -124,9 +124,24 @@ def test_fine_tune_from_official_weights_without_validation(shards, tmp_path, ca
                        "model.width=64", "model.layers=2", "model.side_dim=64")]  # the golden network's sizes
     assert launch.main(args) == 0
     out = capsys.readouterr().out
-    assert f"initialized from {GOLDEN}; new head.fc.bias, head.fc.weight (other class count)" in out  # 5 -> 3
+    assert f"from {GOLDEN}; new head.fc.bias, head.fc.weight (other class count)" in out  # 5 -> 3
+    assert "weights: " in out and "(backbone, side network) from" in out and "CLIP weights" not in out
+    assert "warning:" not in out  # the shards' 3 classes match model.num_classes
     assert "val top-1" not in out and f"checkpoints: {run_dir}/last.pt\n" in out
     assert (run_dir / "last.pt").is_file() and not (run_dir / "best.pt").exists()
+
+
+def test_a_head_larger_than_the_shards_classes_is_pointed_out(shards, tmp_path):
+    from tdsclip.build import warn_on_class_count
+    from tdsclip.config import load_config
+
+    lines = []
+    log = type("Log", (), {"info": lambda self, line: lines.append(line)})()
+    for classes in (NUM_CLASSES, 400):
+        config = load_config(ROOT / "configs/demo.yaml", overrides(shards, tmp_path, f"model.num_classes={classes}"))
+        warn_on_class_count(config, classes, log)
+    assert lines == ["warning: the 'train' shards name 3 classes and the model has 400 (model.num_classes); "
+                     "set it to 3 unless that is intended"]
 
 
 def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):

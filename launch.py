@@ -48,11 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # Keys a resumed run may change: where data, outputs and weight files live (the checkpoint holds the
-# weights), how the run reports, checkpoints and validates, and its length (the cosine then runs on
-# to the new last epoch).
+# weights), how the run reports, checkpoints and validates (data.val_split included), and its length
+# (the cosine then runs on to the new last epoch).
 RESUME_MAY_CHANGE = ("output_dir", "compile", "model.clip_weights", "model.init_weights", "data.shards",
-                     "data.num_threads", "data.on_error", "data.eval_batch_size", "logging.", "checkpoint.", "eval.",
-                     "schedule.epochs")
+                     "data.val_split", "data.num_threads", "data.on_error", "data.eval_batch_size", "logging.",
+                     "checkpoint.", "eval.", "schedule.epochs")
 
 
 def check_resume_config(saved: dict, current: dict, path: Path) -> list[str]:
@@ -84,8 +84,9 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
             log.info(f"{checkpointer.last_path}: the run is complete ({trainer.epochs} epochs, best val top-1 "
                      f"{state.best_top1:.2f}%); to train longer, resume with schedule.epochs=N")
             return
-        log.info(f"resuming from {checkpointer.last_path} (epoch {checkpoint['epoch'] + 1}, "
-                 f"step {checkpoint['step']}, batch {checkpoint['batch_in_epoch']})")
+        pending = f"the validation after epoch {state.epoch}, then " if state.validation_due else ""
+        log.info(f"resuming from {checkpointer.last_path}: {pending}epoch {state.epoch + 1}, "
+                 f"step {state.step}, batch {state.batch_in_epoch}")
     elif args.resume:
         log.info(f"--resume: no checkpoint in {config.output_dir}, starting from scratch")
     if world.is_main:
@@ -127,6 +128,16 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
              f"-> {path}")
 
 
+def resume_hint(config: RunConfig, args: argparse.Namespace) -> str:
+    """What to run after a Ctrl-C."""
+    last = Checkpointer(config.output_dir).last_path
+    if args.test:
+        return "rerun the same command to test again"
+    if last.exists():
+        return f"rerun the same command with --resume to continue from {last}"
+    return "no checkpoint was written yet; rerun the same command to start again"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -149,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)  # the message names the file or key; no traceback needed
         return 1
     except KeyboardInterrupt:
-        if world.is_main and not args.test:
-            print(f"interrupted: rerun the same command with --resume to continue from {config.output_dir}/last.pt",
-                  file=sys.stderr)
+        log.close()  # stop the progress bar first, or it draws over the message
+        if world.is_main:
+            print(f"interrupted: {resume_hint(config, args)}", file=sys.stderr)
         return 130
     finally:
         log.close()

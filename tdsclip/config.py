@@ -144,7 +144,7 @@ class EvalSection:
     skip_epochs: list[int] = field(default_factory=list)  # 0-based epochs with no validation (official)
     test_crops: Literal[1, 3, 5, 10] = 1
     test_clips: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"  # validation and test; fp32 as the official code, bf16 is faster
+    precision: Literal["fp32", "bf16"] = "fp32"  # validation and test; fp32 as official, bf16 faster on GPU
 
     def __post_init__(self) -> None:
         _check(self.every_epochs > 0, "eval.every_epochs", "must be greater than 0")

@@ -98,6 +98,17 @@ def test_arguments(capsys):
     assert "eval.test_clips" in capsys.readouterr().err
 
 
+def test_interrupt_hint_matches_what_is_on_disk(tmp_path):
+    from tdsclip.config import load_config
+
+    config = load_config(ROOT / "configs/demo.yaml", [f"output_dir={tmp_path}"])
+    train, test = launch.parse_args(["--cfg", "c.yaml"]), launch.parse_args(["--cfg", "c.yaml", "--test", "--weights", "w"])
+    assert launch.resume_hint(config, train) == "no checkpoint was written yet; rerun the same command to start again"
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert launch.resume_hint(config, train) == f"rerun the same command with --resume to continue from {tmp_path}/last.pt"
+    assert launch.resume_hint(config, test) == "rerun the same command to test again"
+
+
 def test_mixup_needs_an_even_device_batch(shards, tmp_path, capsys):
     args = ["--cfg", str(ROOT / "configs/demo.yaml"),
             *overrides(shards, tmp_path / "run", "optim.mixup=true", "data.global_batch_size=3")]

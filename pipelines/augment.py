@@ -170,6 +170,25 @@ def _as_shift(translate, axis: int, shape: tuple[int, int]):
                         mag_to_param=start, name=translate.name)
 
 
+def _sharpen(data, kernel):
+    return fn.filter(data, kernel)
+
+
+def _equalize(data, _):
+    return fn.equalize(data)
+
+
+def _without_deprecated_ops(sharpness, equalize) -> tuple:
+    """DALI's sharpness and equalize, same parameters, through fn.filter / fn.equalize: DALI 2.4's own
+    call the deprecated fn.experimental aliases, which print a warning at every pipeline build."""
+    from nvidia.dali.auto_aug.core import augmentation
+
+    return (augmentation(_sharpen, mag_range=sharpness.mag_range, randomly_negate=sharpness.randomly_negate,
+                         mag_to_param=sharpness.mag_to_param, param_device=sharpness.param_device,
+                         name=sharpness.name),
+            augmentation(_equalize, name=equalize.name))
+
+
 def posterize_bits(magnitude_bin: int) -> int:
     """Bits timm's increasing posterize ("inc1", the official setting) keeps at a magnitude bin:
     4 - int(level / 10 * 4), level = bin / RA_BINS_PER_UNIT; 2 bits at m=7 (DALI's own keeps 5)."""
@@ -204,6 +223,7 @@ def _rand_augment_suite(shape: tuple[int, int]) -> list:
         raise RuntimeError(f"DALI's RandAugment suite has no {missing}; it has {sorted(by_name)}")
     for axis, name in ((1, "translate_x"), (0, "translate_y")):
         by_name[name] = _as_shift(by_name[name], axis, shape)
+    by_name["sharpness"], by_name["equalize"] = _without_deprecated_ops(by_name["sharpness"], by_name["equalize"])
     return [by_name[name] for name in RA_OPS]
 
 

@@ -167,3 +167,36 @@ def test_randaugment_draws_timms_fifteen_ops():
     applied = ops[ops != augment.RA_IDENTITY]
     assert 0.45 < len(applied) / len(ops) < 0.55  # each drawn op applies with p=0.5
     assert set(applied.tolist()) == set(range(15)) and np.bincount(applied).min() > 0.7 * len(applied) / 15
+
+
+@pytest.mark.parametrize("name", ["sharpness", "equalize"])
+def test_sharpness_and_equalize_are_dalis_without_the_deprecated_aliases(name):
+    import warnings
+
+    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
+    from nvidia.dali.auto_aug.core import signed_bin
+
+    ours = augment._rand_augment_suite((24, 40))[augment.RA_OPS.index(name)]
+    (dalis,) = [op for op in dali_rand_augment.get_rand_augment_suite(use_shape=True) if op.name.endswith(name)]
+    image = np.random.default_rng(2).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    bins = np.repeat(np.arange(augment.RA_NUM_BINS, dtype=np.int32), 2)
+    signs = np.tile(np.arange(2, dtype=np.int32), augment.RA_NUM_BINS)
+
+    @pipeline_def(batch_size=len(bins), num_threads=1, device_id=None)
+    def applied(op):
+        images = fn.external_source(source=lambda: [image] * len(bins), batch=True, layout="HWC")
+        magnitude = signed_bin(fn.external_source(source=lambda: list(bins), batch=True),
+                               fn.external_source(source=lambda: list(signs), batch=True))
+        return op(images, magnitude_bin=magnitude, num_magnitude_bins=augment.RA_NUM_BINS)
+
+    outputs = []
+    for op in (ours, dalis):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe = applied(op)
+            pipe.build()
+        if op is ours:
+            assert not [w for w in caught if "deprecated" in str(w.message)]
+        outputs.append(np.stack([np.asarray(s) for s in pipe.run()[0]]))
+    np.testing.assert_array_equal(*outputs)

@@ -21,10 +21,10 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path):
 @pytest.mark.parametrize("name, lr, side_dim, epochs, randaugment", [
     ("k400/vitb16", 1e-3, 320, 30, None),
     ("k400/vitl14", 1e-4, 512, 30, None),
-    ("sthv1/vitb16", 1e-3, 320, 40, "rand-m7-n4-mstd0.5"),
-    ("sthv1/vitl14", 1e-4, 512, 30, "rand-m7-n4-mstd0.5"),
-    ("sthv2/vitb16", 1e-3, 320, 30, "rand-m7-n4-mstd0.5"),
-    ("sthv2/vitl14", 1e-4, 512, 30, "rand-m7-n4-mstd0.5"),
+    ("sthv1/vitb16", 1e-3, 320, 40, "rand-m7-n4-mstd0.5-inc1"),
+    ("sthv1/vitl14", 1e-4, 512, 30, "rand-m7-n4-mstd0.5-inc1"),
+    ("sthv2/vitb16", 1e-3, 320, 30, "rand-m7-n4-mstd0.5-inc1"),
+    ("sthv2/vitl14", 1e-4, 512, 30, "rand-m7-n4-mstd0.5-inc1"),
 ])
 def test_paper_settings(name, lr, side_dim, epochs, randaugment):
     config = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")

@@ -66,7 +66,15 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
                     test_crops=test_crops, test_clips=test_clips,
                     randaugment=augment.parse_randaugment(randaugment) if randaugment and split == "train" else None)
     one_tar = isinstance(shards, (str, os.PathLike)) and str(shards).endswith(".tar")
-    tars = [str(shards)] if one_tar else shard_paths(shards, manifest or split)
+    if manifest is not None and (one_tar or isinstance(shards, (list, tuple))):
+        raise ValueError("manifest= names a manifest of a shard directory; with tar paths, pass the tars you want")
+    try:
+        tars = [str(shards)] if one_tar else shard_paths(shards, manifest or split)
+    except FileNotFoundError as error:
+        if manifest is None and split == "test":  # Kinetics / SSv2 test on their validation videos
+            raise FileNotFoundError(f"{error}. To run the test views over another split's videos, pass "
+                                    f"manifest=, e.g. loader(..., 'test', ..., manifest='val')") from None
+        raise
     return Loader(tars, spec, batch_size, rank=rank, world_size=world_size, seed=seed, device=device, dtype=dtype,
                   num_threads=num_threads, on_error=on_error, py_workers=py_workers, hw_decoder_load=hw_decoder_load)
 

@@ -42,6 +42,9 @@ class ClipSpec:
     def __post_init__(self):
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.frames_per_segment % 2 == 0:
+            raise ValueError(f"frames_per_segment must be odd (a window centred on each sampled frame), "
+                             f"got {self.frames_per_segment}")
         if self.sampling_scheme not in sampling.SCHEMES:
             raise ValueError(f"sampling must be one of {sampling.SCHEMES}, got {self.sampling_scheme!r}")
         if self.flip not in FLIPS:

@@ -480,6 +480,12 @@ def test_one_tar_path_and_bad_arguments(frame_shards):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
             pipelines.loader(frame_shards, "test", 2, num_segments=2, device="cuda", **SIZE)
+    with pytest.raises(ValueError, match="frames_per_segment must be odd"):
+        pipelines.loader(frame_shards, "test", 2, frames_per_segment=4, **SIZE)
+    with pytest.raises(ValueError, match="with tar paths, pass the tars you want"):
+        pipelines.loader(tar, "test", 2, manifest="train", **SIZE)
+    with pytest.raises(FileNotFoundError, match=r"test.manifest.json.*pass manifest=, e.g."):
+        pipelines.loader(frame_shards.parent / "nowhere", "test", 2, **SIZE)
 
 
 def test_jpeg_header_check():

@@ -23,8 +23,8 @@ DEMO_DIR := demo
 DEMO_RUN := $(DEMO_DIR)/runs/$(shell date +%Y%m%d-%H%M%S)
 demo: $(STAMP)
 	$(PY) tools/make_synthetic.py $(DEMO_DIR)/videos
-	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/train.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split train --short-side 0
-	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/val.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split val --short-side 0
+	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/train.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split train --short-side 0 --labels $(DEMO_DIR)/videos/labels.csv
+	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/val.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split val --short-side 0 --labels $(DEMO_DIR)/videos/labels.csv
 	$(PY) launch.py --cfg configs/demo.yaml output_dir=$(DEMO_RUN)
 	$(PY) launch.py --cfg configs/demo.yaml output_dir=$(DEMO_RUN) --test --weights $(DEMO_RUN)/best.pt --test-crops 3 --test-clips 2
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/runs"

@@ -122,7 +122,7 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
     into a Trainer. `resuming`: the weights will come from a checkpoint, so no weight files are read."""
     precision = resolve_precision(config, world)
     use_compile = config.compile if config.compile is not None else world.device.type == "cuda"
-    data, mcfg = config.data, config.model.model_config()
+    data, optim, schedule, mcfg = config.data, config.optim, config.schedule, config.model.model_config()
     per_device, accum = derive_batch(data.global_batch_size, world.world_size, data.max_device_batch_size)
     train_loader, val_loader = build_loaders(config, world, mcfg, per_device)  # data errors before a model is built
     warn_on_class_count(config, mcfg.num_classes, log)
@@ -130,16 +130,6 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
              f"{per_device} per device x {plural(accum, 'accumulation step')} (x{data.num_sample} views each); "
              f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, "
              f"device {world.device}")
-    model = build_model(config, log, load_weights=not resuming).to(world.device)
-    train_model = eval_model = model
-    if world.distributed:
-        device_ids = [world.local_rank] if world.device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=device_ids)
-    if use_compile:
-        train_model, eval_model = torch.compile(train_model), torch.compile(model)
-    optim, schedule = config.optim, config.schedule
-    optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
-                                eps=optim.eps, clip_ratio=optim.clip_ratio, bn_lr_ratio=optim.bn_lr_ratio)
     mixup = None
     if optim.mixup:
         if per_device * data.num_sample % 2:
@@ -148,6 +138,15 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
         mixup = build_mixup(num_classes=mcfg.num_classes, mixup_alpha=optim.mixup_alpha,
                             cutmix_alpha=optim.cutmix_alpha, switch_prob=optim.mixup_switch_prob,
                             label_smoothing=optim.label_smoothing)
+    model = build_model(config, log, load_weights=not resuming).to(world.device)
+    train_model = eval_model = model
+    if world.distributed:
+        device_ids = [world.local_rank] if world.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
+    if use_compile:
+        train_model, eval_model = torch.compile(train_model), torch.compile(model)
+    optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas,
+                                eps=optim.eps, clip_ratio=optim.clip_ratio, bn_lr_ratio=optim.bn_lr_ratio)
     peak = config.logging.peak_tflops or device_peak_tflops(world.device)
     clip_shape = (mcfg.num_segments, mcfg.frames_per_segment, 3, mcfg.image_size, mcfg.image_size)
     flops_per_clip = train_flops_per_clip(model, clip_shape, world.device) if peak else None  # one step, for MFU
@@ -159,8 +158,7 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
         checkpointer=checkpointer or Checkpointer(config.output_dir, rank=world.rank), metrics=log, world=world,
         epochs=schedule.epochs, accum_steps=accum, precision=precision, eval_precision=config.eval.precision,
         label_smoothing=optim.label_smoothing, mixup=mixup, grad_clip=optim.grad_clip,
-        log_every=config.logging.log_every,
-        checkpoint_every=config.checkpoint.every_steps, eval_every=config.eval.every_epochs,
-        skip_epochs=config.eval.skip_epochs, save_best=config.checkpoint.save_best, config=config_to_dict(config),
+        log_every=config.logging.log_every, checkpoint_every=config.checkpoint.every_steps,
+        eval_every=config.eval.every_epochs, skip_epochs=config.eval.skip_epochs, save_best=config.checkpoint.save_best, config=config_to_dict(config),
         flops_per_clip=flops_per_clip, peak_tflops=peak,
     )

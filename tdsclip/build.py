@@ -159,6 +159,7 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
         epochs=schedule.epochs, accum_steps=accum, precision=precision, eval_precision=config.eval.precision,
         label_smoothing=optim.label_smoothing, mixup=mixup, grad_clip=optim.grad_clip,
         log_every=config.logging.log_every, checkpoint_every=config.checkpoint.every_steps,
-        eval_every=config.eval.every_epochs, skip_epochs=config.eval.skip_epochs, save_best=config.checkpoint.save_best, config=config_to_dict(config),
-        flops_per_clip=flops_per_clip, peak_tflops=peak,
+        eval_every=config.eval.every_epochs, skip_epochs=config.eval.skip_epochs,
+        save_best=config.checkpoint.save_best, config=config_to_dict(config), flops_per_clip=flops_per_clip,
+        peak_tflops=peak,
     )

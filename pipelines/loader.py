@@ -25,8 +25,9 @@ GPU_PY_WORKERS = 4
 def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_segments: int = 8, *,
            frames_per_segment: int = 5, rank: int = 0, world_size: int = 1, seed: int = 0,
            device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-           sampling: str = "something", image_size: int = 224, resize: int | tuple[int, int] = 256,
-           num_sample: int = 1, flip: str = "none", flip_label_map: dict[int, int] | None = None,
+           sampling: str = "something", wrap_start: bool = False, image_size: int = 224,
+           resize: int | tuple[int, int] = 256, num_sample: int = 1, flip: str = "none",
+           flip_label_map: dict[int, int] | None = None,
            grayscale_prob: float = 0.0, randaugment: str | None = None, test_crops: int = 1,
            test_clips: int = 1, num_threads: int | None = None, on_error: str = "raise",
            py_workers: int | None = None, hw_decoder_load: float | None = None,
@@ -43,6 +44,8 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
             JPEG/video decode and all augmentation run on that GPU (DALI "mixed" backend).
         sampling: which official frame choice to follow (pipelines.sampling): "something"
             (Something-Something, the default) or "kinetics" (Kinetics and other datasets).
+        wrap_start: frames a window wants before a video's first come from its end, as the official
+            decord (video) path does; default: the first frame, as its frame-folder path.
         resize: short side of the official scaled frame, or an exact (H, W) like (256, 320).
         flip: "none", "plain" (p=0.5) or "swap" (p=0.5, labels swapped by flip_label_map,
             default the Something-Something v2 left/right pairs).
@@ -61,8 +64,8 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
             E.g. split="test", manifest="val" for the multi-view test on the validation videos.
     """
     spec = ClipSpec(split=split, num_segments=num_segments, frames_per_segment=frames_per_segment,
-                    sampling_scheme=sampling, image_size=image_size, resize=resize, num_sample=num_sample,
-                    flip=flip, flip_label_map=flip_label_map, grayscale_prob=grayscale_prob,
+                    sampling_scheme=sampling, wrap_start=wrap_start, image_size=image_size, resize=resize,
+                    num_sample=num_sample, flip=flip, flip_label_map=flip_label_map, grayscale_prob=grayscale_prob,
                     test_crops=test_crops, test_clips=test_clips,
                     randaugment=augment.parse_randaugment(randaugment) if randaugment and split == "train" else None)
     one_tar = isinstance(shards, (str, os.PathLike)) and str(shards).endswith(".tar")

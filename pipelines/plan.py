@@ -29,6 +29,7 @@ class ClipSpec:
     num_segments: int = 8
     frames_per_segment: int = sampling.FRAMES_PER_SEGMENT  # the temporal-difference window around each centre
     sampling_scheme: str = "something"  # sampling.SCHEMES: the official dataset class whose frame choice to follow
+    wrap_start: bool = False  # frames before a video's first come from its end (official decord path)
     image_size: int = 224
     resize: int | tuple[int, int] = 256
     num_sample: int = 1
@@ -277,7 +278,8 @@ def _plan_video(plan: EpochPlan, r: int, sample: Sample, spec: ClipSpec, rng: np
     n = sample.num_frames
     centres = sampling.clip_centres(spec.sampling_scheme, spec.split, n, spec.num_segments, spec.num_clips,
                                     rng)  # (K, T)
-    plan.frames[r] = sampling.window(centres, n, spec.frames_per_segment).reshape(-1)  # (K*T*M,)
+    plan.frames[r] = sampling.window(centres, n, spec.frames_per_segment,
+                                     wrap_start=spec.wrap_start).reshape(-1)  # (K*T*M,)
     stored = (sample.height, sample.width)
     scaled = augment.scaled_size(*stored, spec.resize)
     if spec.train:

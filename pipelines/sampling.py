@@ -92,14 +92,18 @@ def kinetics_test_centres(num_frames: int, num_segments: int, num_clips: int) ->
     return np.array([[int(start + tick * i) % n for i in range(t)] for start in starts.tolist()], dtype=np.int64)
 
 
-def window(centres: np.ndarray, num_frames: int, length: int = FRAMES_PER_SEGMENT) -> np.ndarray:
-    """Frames clamp(centre - length//2 + j, 0, n-1) for j < length; shape centres.shape + (length,).
+def window(centres: np.ndarray, num_frames: int, length: int = FRAMES_PER_SEGMENT, *,
+           wrap_start: bool = False) -> np.ndarray:
+    """Frames centre - length//2 + j for j < length, kept inside the video; shape centres.shape + (length,).
 
-    The official video path wraps negative indices to the video's end; we clamp, so a window never
-    mixes the clip's start with its end.
+    Past the end they stay at the last frame, as in every official path. Before the start they stay
+    at the first frame (the official frame-folder path), or with `wrap_start` count back from the end
+    (the official decord video path: Python's negative indexing), which mixes a clip's start with its end.
     """
-    offsets = np.arange(length) - length // 2
-    return np.clip(np.asarray(centres)[..., None] + offsets, 0, num_frames - 1)
+    frames = np.asarray(centres)[..., None] + (np.arange(length) - length // 2)
+    if wrap_start:
+        frames = np.where(frames < 0, frames % num_frames, frames)
+    return np.clip(frames, 0, num_frames - 1)
 
 
 def _check(num_frames: int, num_segments: int) -> tuple[int, int]:

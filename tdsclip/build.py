@@ -30,7 +30,8 @@ def loader_options(config: RunConfig, world: World, model_config: ModelConfig) -
     """The pipeline options train, val and test share: this rank, the model's clip geometry, data.*."""
     data = config.data
     return dict(rank=world.rank, world_size=world.world_size, seed=config.seed, sampling=data.sampling,
-                frames_per_segment=model_config.frames_per_segment, image_size=model_config.image_size,
+                wrap_start=data.wrap_start, frames_per_segment=model_config.frames_per_segment,
+                image_size=model_config.image_size,
                 resize=tuple(data.resize) if isinstance(data.resize, list) else data.resize,
                 num_threads=data.num_threads, on_error=data.on_error)
 

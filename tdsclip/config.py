@@ -61,6 +61,7 @@ class DataSection:
     eval_batch_size: int = 16  # videos per device per eval batch
     num_sample: int = 2  # augmented views of each training video (repeated augmentation)
     sampling: Literal["something", "kinetics"] = "something"  # which official dataset class picks the frames
+    wrap_start: bool = False  # frames before a video's first from its end, as the official decord path
     resize: int | list[int] = 256  # short side, or [H, W] (Something-Something: [256, 320])
     flip: Literal["none", "plain", "swap"] = "plain"
     flip_label_map: dict[int, int] | None = None

@@ -121,11 +121,15 @@ def test_loaders_follow_the_models_clip_geometry_and_data_sampling(shards, tmp_p
     from tdsclip.distributed import World
 
     config = load_config(ROOT / "configs/demo.yaml", overrides(shards, tmp_path, "model.frames_per_segment=3",
-                                                               "data.sampling=kinetics"))
+                                                               "data.sampling=kinetics", "data.wrap_start=true"))
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     train, val = build_loaders(config, world, config.model.model_config(), batch_size=2)
     assert next(iter(val))["clips"].shape == (4, 2, 3, 3, 16, 16)  # (B, T, M=3, 3, S, S)
     assert train.spec.sampling_scheme == val.spec.sampling_scheme == "kinetics"
+    assert train.spec.wrap_start and val.spec.wrap_start
+    plan = val.plan(0)
+    n = val.samples[plan.sample[0]].num_frames
+    assert plan.frames[0, :3].tolist() == [n - 1, 0, 1]  # kinetics val: centre 0, window of 3 wrapped
 
 
 def test_fine_tune_from_official_weights_without_validation(shards, tmp_path, capsys):

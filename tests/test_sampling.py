@@ -45,6 +45,13 @@ def test_window_clamps_at_both_ends():
     assert sampling.window(sampling.test_centres(30, 8, 3), 30).shape == (3, 8, 5)
 
 
+def test_window_can_wrap_its_start_to_the_end_as_the_official_video_path():
+    # decord's video_list[p - 1] with p from centre - 1: indices -2, -1 are the last two frames
+    np.testing.assert_array_equal(sampling.window(np.array([0, 1, 29]), 30, wrap_start=True),
+                                  [[28, 29, 0, 1, 2], [29, 0, 1, 2, 3], [27, 28, 29, 29, 29]])
+    np.testing.assert_array_equal(sampling.window(np.array([0]), 1, wrap_start=True), [[0, 0, 0, 0, 0]])
+
+
 @pytest.mark.parametrize("bad", [dict(num_frames=0, num_segments=8), dict(num_frames=10, num_segments=0)])
 def test_bad_arguments_name_the_problem(bad):
     with pytest.raises(ValueError, match="num_frames|num_segments"):

@@ -36,6 +36,7 @@ def test_paper_settings(name, lr, side_dim, epochs, randaugment):
     assert config.data.global_batch_size == 128  # 16 per GPU x 8 GPUs
     kinetics = name.startswith("k400")  # the official code: datasets/kinetics.py unless "something" is in the name
     assert config.data.sampling == ("kinetics" if kinetics else "something")
+    assert config.data.wrap_start == kinetics  # official modality: video (decord) for K400, frames for SS
     assert (config.data.resize, config.data.flip, config.data.grayscale_prob) == (
         (256, "plain", 0.2) if kinetics else ([256, 320], "swap", 0.0))
     assert config.eval.precision == "fp32"

@@ -1,4 +1,5 @@
-"""DALI data pipelines: shards -> decode (GPU or CPU) -> TSN sampling -> augmentation -> clips on the device."""
+"""DALI data pipelines: shards -> frame sampling (the official Something-Something / Kinetics schemes)
+-> decode (GPU or CPU) -> augmentation -> clips on the device."""
 
 from pipelines.loader import Loader, loader
 from pipelines.reader import ShardReadError

@@ -49,7 +49,7 @@ def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_se
         resize: short side of the official scaled frame, or an exact (H, W) like (256, 320).
         flip: "none", "plain" (p=0.5) or "swap" (p=0.5, labels swapped by flip_label_map,
             default the Something-Something v2 left/right pairs).
-        randaugment: e.g. "rand-m7-n4-mstd0.5" (train only; nvidia.dali.auto_aug ops, one draw per clip
+        randaugment: e.g. "rand-m7-n4-mstd0.5-inc1" (train only; nvidia.dali.auto_aug ops, one draw per clip
             and view, shared by all its frames).
         on_error: "raise" (error naming shard and key) or "skip" (drop the sample, count it).
         num_threads: DALI CPU threads; default: the cores this process may use divided by

@@ -1,7 +1,7 @@
-"""Which frames a clip uses: segment centres and the 5-frame temporal-difference window.
+"""Which frames a clip uses: segment centres and the M-frame temporal-difference window.
 
 Official TDS-CLIP semantics, 0-based, for a video of n frames cut into T segments of
-M = 5 consecutive frames each (pure numpy; no I/O). A clip is a (T, M) array of frame
+M consecutive frames each (frames_per_segment, odd; official 5) (pure numpy; no I/O). A clip is a (T, M) array of frame
 indices; a test sample with K clips is a (K, T, M) array.
 
 The official code samples with one of two dataset classes, and so do we (`SCHEMES`):

@@ -3,9 +3,10 @@
 Frames are decoded with PyAV (FFmpeg), resized to a fixed short side with swscale, and stored either
 as one VP9 WebM stream (layout `video`) or as one JPEG per frame (layout `frames`, libjpeg-turbo via
 Pillow). Frame folders that already hold JPEGs go into layout `frames` as they are, without re-encoding.
-Frame i of the sample is frame i of the source. Every sample is decoded back once and its frame count
-checked before it is accepted; any failure becomes a `Rejection` with a reason instead of an exception,
-so one bad input never stops a run.
+Frame i of the sample is frame i of the source. A video whose frames cover less than 75% of the
+duration its header declares is rejected as truncated (FFmpeg decodes a cut WebM to its end without
+an error). Every sample is decoded back once and its frame count checked before it is accepted; any
+failure becomes a `Rejection` with a reason instead of an exception, so one bad input never stops a run.
 """
 
 import io

@@ -66,7 +66,7 @@ class DataSection:
     flip: Literal["none", "plain", "swap"] = "plain"
     flip_label_map: dict[int, int] | None = None
     grayscale_prob: float = 0.0
-    randaugment: str | None = None  # e.g. "rand-m7-n4-mstd0.5"
+    randaugment: str | None = None  # e.g. "rand-m7-n4-mstd0.5-inc1"
     num_threads: int | None = None
     on_error: Literal["raise", "skip"] = "raise"
 

@@ -2,8 +2,8 @@
 
 The network (arXiv 2408.10688), in the order data flows through it:
 
-1. ``SideStem`` (SME-Adapter): the centre frame of each 5-frame window and the 4 RGB differences
-   inside the window go through two (3, p, p) 3D convs; stem = frame + 0.5 * differences.
+1. ``SideStem`` (SME-Adapter): the centre frame of each M-frame window (official M = 5) and the M-1
+   RGB differences inside the window go through two (3, p, p) 3D convs; stem = frame + 0.5 * differences.
 2. The frozen open_clip ``VisionTransformer`` sees the centre frames; after each block its tokens are
    tapped (LayerNorm + Linear to ``side_dim``) and fused into the side stream: s = 0.5 s + 0.5 tap.
 3. ``SideBlock`` i (one per backbone block): temporal conv + TD gate, class-token shift over time,

@@ -1,4 +1,4 @@
-"""The training and evaluation loops, wired from components built in launch.py.
+"""The training and evaluation loops, wired from components that tdsclip/build.py builds from a RunConfig.
 
 `Trainer.fit()` runs epochs of `train_one_epoch()` (gradient accumulation, per-step lr schedule,
 non-finite loss guard, periodic logging and checkpoints), validates after each epoch not in the

@@ -4,7 +4,8 @@ The official training script (BBYL9413/TDS-CLIP, train_vision.py) saves
 ``{"epoch", "model_state_dict", "optimizer_state_dict"}`` whose model keys look like
 ``visual.transformer.side_transformer.0.conv.0.weight``. ``official_to_ours`` / ``ours_to_official``
 translate those names and shapes (1x1 convs are Linear here) both ways; ``load_model`` reads either
-layout and ``export_official`` writes the official one.
+layout and ``export_official`` writes the official one; ``init_from_checkpoint`` starts a model
+from either (fine-tuning).
 """
 
 from __future__ import annotations

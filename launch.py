@@ -74,16 +74,16 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
                          "or set output_dir=... to start a new one")
     if checkpoint is not None:  # checked before anything is built
         changes = check_resume_config(checkpoint["config"], config_to_dict(config), checkpointer.last_path)
+        if checkpoint["epoch"] >= config.schedule.epochs and not checkpoint.get("validation_due"):
+            log.info(f"{checkpointer.last_path}: the run is complete ({checkpoint['epoch']} epochs, best val top-1 "
+                     f"{checkpoint['best_top1']:.2f}%); to train longer, resume with schedule.epochs=N")
+            return
     trainer = build_trainer(config, world, log, checkpointer, resuming=checkpoint is not None)
     if checkpoint is not None:
         trainer.restore(checkpoint)
         if changes:
             log.info(f"resumed with config changes: {'; '.join(changes)}")
         state = trainer.state
-        if state.epoch >= trainer.epochs and not state.validation_due:
-            log.info(f"{checkpointer.last_path}: the run is complete ({trainer.epochs} epochs, best val top-1 "
-                     f"{state.best_top1:.2f}%); to train longer, resume with schedule.epochs=N")
-            return
         pending = f"the validation after epoch {state.epoch}, then " if state.validation_due else ""
         log.info(f"resuming from {checkpointer.last_path}: {pending}epoch {state.epoch + 1}, "
                  f"step {state.step}, batch {state.batch_in_epoch}")

@@ -20,7 +20,7 @@ from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_to_dict
 from tdsclip.distributed import World
 from tdsclip.metrics import MetricsLogger, device_peak_tflops, plural, train_flops_per_clip
-from tdsclip.model import ModelConfig, build_model as build_network
+from tdsclip.model import ModelConfig, build_model
 from tdsclip.optim import WarmupCosineSchedule, build_optimizer
 from tdsclip.train import Trainer, build_mixup, derive_batch
 from tdsclip.weights import init_from_checkpoint, load_clip_weights
@@ -78,18 +78,19 @@ def check_pipeline_options(config: RunConfig) -> None:
 def warn_on_class_count(config: RunConfig, num_classes: int, log: MetricsLogger) -> None:
     """Say so when the training shards name another number of classes than the model has (e.g. a
     fine-tune that kept the pretrained model.num_classes): labels fit, but the head is oversized."""
-    if isinstance(config.data.shards, str) and Path(config.data.shards).is_dir():
+    if Path(config.data.shards).is_dir():
         classes = read_manifest(config.data.shards, config.data.train_split, check_files=False).classes
         if len(classes) != num_classes:
             log.info(f"warning: the {config.data.train_split!r} shards name {len(classes)} classes and the model "
                      f"has {num_classes} (model.num_classes); set it to {len(classes)} unless that is intended")
 
 
-def check_labels(loader, num_classes: int, data: str, remedy: str) -> None:
-    """Every label of `data` must be a class of the model (a mismatch otherwise fails in the loss)."""
+def check_labels(loader, num_classes: int, what: str, remedy: str) -> None:
+    """Every label `loader` reads must be a class of the model (a mismatch otherwise fails in the loss);
+    `what` names the data in the error."""
     top = max(sample.label for sample in loader.samples)
     if top >= num_classes:
-        raise ConfigError(f"{data} has label {top}, but the model has {num_classes} classes: {remedy}")
+        raise ConfigError(f"{what} has label {top}, but the model has {num_classes} classes: {remedy}")
 
 
 def resolve_precision(config: RunConfig, world: World) -> str:
@@ -98,10 +99,10 @@ def resolve_precision(config: RunConfig, world: World) -> str:
     return "bf16" if world.device.type == "cuda" else "fp32"
 
 
-def build_model(config: RunConfig, log: MetricsLogger, *, load_weights: bool = True) -> torch.nn.Module:
+def model_with_weights(config: RunConfig, log: MetricsLogger, *, load_weights: bool = True) -> torch.nn.Module:
     """The network; with `load_weights`, all of it from model.init_weights when set, else its frozen
     backbone from model.clip_weights (a resumed run takes all its weights from its checkpoint instead)."""
-    model = build_network(config.model.model_config())
+    model = build_model(config.model.model_config())
     if not load_weights:
         return model
     if config.model.init_weights:  # holds the backbone too: no CLIP file needed
@@ -125,12 +126,6 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
     use_compile = config.compile if config.compile is not None else world.device.type == "cuda"
     data, optim, schedule, mcfg = config.data, config.optim, config.schedule, config.model.model_config()
     per_device, accum = derive_batch(data.global_batch_size, world.world_size, data.max_device_batch_size)
-    train_loader, val_loader = build_loaders(config, world, mcfg, per_device)  # data errors before a model is built
-    warn_on_class_count(config, mcfg.num_classes, log)
-    log.info(f"batch: {data.global_batch_size} videos per step = {plural(world.world_size, 'process')} x "
-             f"{per_device} per device x {plural(accum, 'accumulation step')} (x{data.num_sample} views each); "
-             f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, "
-             f"device {world.device}")
     mixup = None
     if optim.mixup:
         if per_device * data.num_sample % 2:
@@ -139,7 +134,13 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
         mixup = build_mixup(num_classes=mcfg.num_classes, mixup_alpha=optim.mixup_alpha,
                             cutmix_alpha=optim.cutmix_alpha, switch_prob=optim.mixup_switch_prob,
                             label_smoothing=optim.label_smoothing)
-    model = build_model(config, log, load_weights=not resuming).to(world.device)
+    train_loader, val_loader = build_loaders(config, world, mcfg, per_device)  # data errors before a model is built
+    warn_on_class_count(config, mcfg.num_classes, log)
+    log.info(f"batch: {data.global_batch_size} videos per step = {plural(world.world_size, 'process')} x "
+             f"{per_device} per device x {plural(accum, 'accumulation step')} (x{data.num_sample} views each); "
+             f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, "
+             f"device {world.device}")
+    model = model_with_weights(config, log, load_weights=not resuming).to(world.device)
     train_model = eval_model = model
     if world.distributed:
         device_ids = [world.local_rank] if world.device.type == "cuda" else None

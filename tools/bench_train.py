@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tdsclip.build import build_trainer  # noqa: E402
-from tdsclip.config import load_config  # noqa: E402
+from shards.manifest import ShardFormatError  # noqa: E402
+from tdsclip.config import ConfigError, load_config  # noqa: E402
 from tdsclip.distributed import init_distributed  # noqa: E402
 from tdsclip.metrics import MetricsLogger, StepTimer  # noqa: E402
 
@@ -45,13 +46,23 @@ def measure(trainer, batches, steps: int, warmup: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", required=True)
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--cfg", required=True, help="YAML run config, as for launch.py")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.shards=DIR")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, pipeline fill)")
     args = parser.parse_args()
+    try:
+        run(args)
+    except (ConfigError, FileNotFoundError, ShardFormatError) as error:  # each names the file or key
+        raise SystemExit(f"error: {error}") from None
+
+
+def run(args: argparse.Namespace) -> None:
+    """Build the trainer from the config and time both ways of feeding it."""
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(args.cfg, [*args.overrides, f"output_dir={tmp}", "logging.tensorboard=false"])
+        # no validation: it is not measured, and benchmark shards may have a train split only
+        config = load_config(args.cfg, [*args.overrides, f"output_dir={tmp}", "logging.tensorboard=false",
+                                        "data.val_split=null"])
         world = init_distributed()
         log = MetricsLogger(tmp, rank=world.rank, tensorboard=False, progress="plain")
         trainer = build_trainer(config, world, log)

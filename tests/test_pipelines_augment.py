@@ -9,7 +9,7 @@ import torch
 import pipelines
 from pipelines import augment
 from pipelines import plan as plan_module
-from test_pipelines import SIZE, gradient_image, write_shards
+from test_pipelines import CUDA, SIZE, gradient_image, write_shards
 
 
 def test_scaled_size_follows_torchvision_resize_and_exact_sizes():
@@ -136,8 +136,9 @@ def _timm_reference(name: str, image: np.ndarray, magnitude_bin: int) -> np.ndar
     return np.asarray(ImageOps.invert(Image.fromarray(image)))
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("name", ["posterize", "solarize_add", "invert"])
-def test_randaugment_pixel_ops_match_timms_increasing_set(name):
+def test_randaugment_pixel_ops_match_timms_increasing_set(name, device):
     """Per magnitude bin, exactly what the official timm ops do (posterize: 2 bits at m=7, not DALI's 5)."""
     from nvidia.dali import fn, pipeline_def
 
@@ -146,15 +147,18 @@ def test_randaugment_pixel_ops_match_timms_increasing_set(name):
     image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     bins = np.arange(augment.RA_NUM_BINS, dtype=np.int32)
 
-    @pipeline_def(batch_size=len(bins), num_threads=1, device_id=None)
+    @pipeline_def(batch_size=len(bins), num_threads=1, device_id=0 if device == "cuda" else None)
     def applied():
         images = fn.external_source(source=lambda: [image] * len(bins), batch=True, layout="HWC")
         magnitude = fn.external_source(source=lambda: list(bins), batch=True)
+        if device == "cuda":
+            images = images.gpu()
         return ours(images, magnitude_bin=magnitude, num_magnitude_bins=augment.RA_NUM_BINS)
 
     pipe = applied()
     pipe.build()
     (out,) = pipe.run()
+    out = out.as_cpu() if device == "cuda" else out
     for b, got in zip(bins, out):
         np.testing.assert_array_equal(np.asarray(got), _timm_reference(name, image, int(b)), err_msg=f"bin {b}")
 

@@ -1,5 +1,5 @@
 """The trainer with stand-ins (a tiny module, a list-like fake loader): exact resume, the
-non-finite loss guard, atomic checkpoints, multi-view evaluation, optimizer groups, schedule,
+non-finite loss guard, atomic checkpoints, multi-view evaluation, batch split and mixup,
 TensorBoard scalars."""
 
 from __future__ import annotations

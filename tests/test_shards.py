@@ -400,15 +400,39 @@ def test_worker_crash_rejects_that_input_and_goes_on():
     assert [r.reason for i, r in enumerate(results) if i != 2] == [f"ok {i}" for i in (0, 1, 3, 4, 5, 6)]
 
 
-def test_worker_crash_before_the_next_submission_is_handled_too():
+def test_worker_crash_before_the_next_submission_is_handled_too(monkeypatch):
     """A slow consumer: the pool breaks while the caller holds the first result, so the next input is
     submitted to a broken pool (which raises at submit, not in the future)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from shards import workers
+
+    pools, refused = [], []
+
+    class WatchedPool(ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+        def submit(self, *args, **kwargs):
+            try:
+                return super().submit(*args, **kwargs)
+            except BrokenProcessPool:
+                refused.append(args[1].path)
+                raise
+
+    monkeypatch.setattr(workers, "ProcessPoolExecutor", WatchedPool)
     sources = [Source(key=f"k{i}", path=p, label=i) for i, p in enumerate(["a.mp4", "b.mp4", "bikes.mp4", "c.mp4",
                                                                              "d.mp4", "e.mp4", "f.mp4"])]
     results = ordered_results(sources, _crash_on_bikes, workers=2)
     first = next(results)
-    time.sleep(1.0)  # the worker that takes bikes.mp4 dies meanwhile
+    deadline = time.monotonic() + 30
+    while not pools[0]._broken and time.monotonic() < deadline:  # the worker that takes bikes.mp4 dies
+        time.sleep(0.05)
+    assert pools[0]._broken
     results = [first, *results]
+    assert refused  # the next input went to the broken pool (the path this test is about)
     assert [r.source for r in results] == [s.path for s in sources]
     assert results[2].reason == CRASH_REASON
     assert [r.reason for i, r in enumerate(results) if i != 2] == [f"ok {i}" for i in (0, 1, 3, 4, 5, 6)]

@@ -400,7 +400,16 @@ def test_worker_crash_rejects_that_input_and_goes_on():
     assert [r.reason for i, r in enumerate(results) if i != 2] == [f"ok {i}" for i in (0, 1, 3, 4, 5, 6)]
 
 
-def test_worker_crash_before_the_next_submission_is_handled_too(monkeypatch):
+def _crash_on_bikes_when_told(source):
+    """_crash_on_bikes, once the file `<path>.go` exists: the test decides when the worker dies."""
+    if "bikes" in source.path:
+        while not Path(source.path + ".go").exists():
+            time.sleep(0.01)
+        os._exit(139)
+    return Rejection(source=source.path, reason=f"ok {source.label}")
+
+
+def test_worker_crash_before_the_next_submission_is_handled_too(monkeypatch, tmp_path):
     """A slow consumer: the pool breaks while the caller holds the first result, so the next input is
     submitted to a broken pool (which raises at submit, not in the future)."""
     from concurrent.futures import ProcessPoolExecutor
@@ -423,10 +432,12 @@ def test_worker_crash_before_the_next_submission_is_handled_too(monkeypatch):
                 raise
 
     monkeypatch.setattr(workers, "ProcessPoolExecutor", WatchedPool)
-    sources = [Source(key=f"k{i}", path=p, label=i) for i, p in enumerate(["a.mp4", "b.mp4", "bikes.mp4", "c.mp4",
+    bikes = str(tmp_path / "bikes.mp4")
+    sources = [Source(key=f"k{i}", path=p, label=i) for i, p in enumerate(["a.mp4", "b.mp4", bikes, "c.mp4",
                                                                              "d.mp4", "e.mp4", "f.mp4"])]
-    results = ordered_results(sources, _crash_on_bikes, workers=2)
+    results = ordered_results(sources, _crash_on_bikes_when_told, workers=2)
     first = next(results)
+    Path(bikes + ".go").touch()  # only now, with the first result in hand, does the worker die
     deadline = time.monotonic() + 30
     while not pools[0]._broken and time.monotonic() < deadline:  # the worker that takes bikes.mp4 dies
         time.sleep(0.05)

@@ -22,7 +22,7 @@ from shards.manifest import ShardFormatError
 from tdsclip.build import build_test_loader, build_trainer, check_pipeline_options
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_diff, config_to_dict, load_config, save_config
-from tdsclip.distributed import World, all_gather_objects, close_distributed, init_distributed
+from tdsclip.distributed import World, all_ranks_keys, close_distributed, init_distributed
 from tdsclip.metrics import MetricsLogger, plural
 from tdsclip.train import NonFiniteLossError, evaluate, write_results
 
@@ -111,7 +111,7 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     loader = build_test_loader(config, world, net, args.weights)
     result = evaluate(model, loader, views=loader.views, num_classes=model.config.num_classes,
                       device=world.device, precision=config.eval.precision, keep_predictions=True)
-    skipped = sorted(key for keys in all_gather_objects(loader.skipped) for key in keys)
+    skipped = all_ranks_keys(loader.skipped)
     result.update(weights=str(args.weights), model=dataclasses.asdict(net), test_crops=crops, test_clips=clips,
                   skipped=skipped)
     if skipped:

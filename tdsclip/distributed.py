@@ -56,6 +56,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_ranks_keys(keys: list[str]) -> list[str]:
+    """The union of every rank's `keys`, sorted (collective: call on every rank)."""
+    return sorted({key for rank_keys in all_gather_objects(list(keys)) for key in rank_keys})
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (a one-item list for one process)."""
     if not dist.is_initialized():

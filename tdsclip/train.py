@@ -23,7 +23,7 @@ from torch import nn
 from shards.atomic import atomic_write_text
 from tdsclip.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdsclip.config import ConfigError
-from tdsclip.distributed import World, all_gather_objects, all_reduce_sum
+from tdsclip.distributed import World, all_gather_objects, all_ranks_keys, all_reduce_sum
 from tdsclip.metrics import MetricsLogger, StepTimer, host_rss_bytes, peak_device_memory_bytes
 from tdsclip.optim import WarmupCosineSchedule
 from tdsclip.weights import CheckpointError, model_checkpoint
@@ -193,7 +193,7 @@ class Trainer:
         """Name, once each, the samples any rank's loaders left out after a read error (data.on_error: skip)."""
         loaders = [self.train_loader] + ([self.val_loader] if self.val_loader is not None else [])
         mine = [key for loader in loaders for key in loader.skipped]
-        skipped = sorted({key for keys in all_gather_objects(mine) for key in keys})  # every rank: collective
+        skipped = all_ranks_keys(mine)  # every rank: collective
         new = [key for key in skipped if key not in self.reported_skips]
         if new:
             self.reported_skips.update(new)

@@ -19,7 +19,7 @@ import torch
 import pipelines
 import tdsclip
 from shards.manifest import ShardFormatError
-from tdsclip.build import build_test_loader, build_trainer, check_pipeline_options
+from tdsclip.build import build_test, build_trainer, check_pipeline_options
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_diff, config_to_dict, load_config, save_config
 from tdsclip.distributed import World, all_ranks_keys, close_distributed, init_distributed
@@ -102,17 +102,12 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
 
 
 def test(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
-    model = tdsclip.load_model(args.weights, num_segments=config.model.num_segments).to(world.device)
-    net = model.config  # the weights' network; T from the config (official files do not record it)
-    log.info(f"weights: {args.weights} ({net.arch or f'width {net.width}, {net.layers} layers'}, side_dim "
-             f"{net.side_dim}, {net.num_classes} classes), {net.num_segments} segments of "
-             f"{net.frames_per_segment} frames")
+    model, loader = build_test(config, world, args.weights, log)
     crops, clips = config.eval.test_crops, config.eval.test_clips
-    loader = build_test_loader(config, world, net, args.weights)
     result = evaluate(model, loader, views=loader.views, num_classes=model.config.num_classes,
                       device=world.device, precision=config.eval.precision, keep_predictions=True)
     skipped = all_ranks_keys(loader.skipped)
-    result.update(weights=str(args.weights), model=dataclasses.asdict(net), test_crops=crops, test_clips=clips,
+    result.update(weights=str(args.weights), model=dataclasses.asdict(model.config), test_crops=crops, test_clips=clips,
                   skipped=skipped)
     if skipped:
         log.info(f"skipped {len(skipped)} unreadable sample(s) (data.on_error: skip), not counted: "

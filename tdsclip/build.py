@@ -23,7 +23,7 @@ from tdsclip.metrics import MetricsLogger, device_peak_tflops, plural, train_flo
 from tdsclip.model import ModelConfig, build_model
 from tdsclip.optim import WarmupCosineSchedule, build_optimizer
 from tdsclip.train import Trainer, build_mixup, derive_batch
-from tdsclip.weights import init_from_checkpoint, load_clip_weights
+from tdsclip.weights import init_from_checkpoint, load_clip_weights, load_model
 
 
 def loader_options(config: RunConfig, world: World, model_config: ModelConfig) -> dict:
@@ -53,6 +53,17 @@ def build_loaders(config: RunConfig, world: World, model_config: ModelConfig, ba
             check_labels(loader, model_config.num_classes, f"split {split!r} of {data.shards}",
                          "set model.num_classes to the shards' number of classes")
     return train, val
+
+
+def build_test(config: RunConfig, world: World, weights: str, log: MetricsLogger) -> tuple:
+    """(model, loader) for --test: the network `weights` hold (T from model.num_segments: official files do
+    not record it), on the device in eval mode, and this rank's multi-view pipeline over data.test_split."""
+    model = load_model(weights, num_segments=config.model.num_segments).to(world.device)
+    net = model.config
+    log.info(f"weights: {weights} ({net.arch or f'width {net.width}, {net.layers} layers'}, side_dim "
+             f"{net.side_dim}, {net.num_classes} classes), {net.num_segments} segments of "
+             f"{net.frames_per_segment} frames")
+    return model, build_test_loader(config, world, net, weights)
 
 
 def build_test_loader(config: RunConfig, world: World, model_config: ModelConfig, weights: str) -> pipelines.Loader:

@@ -159,6 +159,19 @@ def test_a_head_larger_than_the_shards_classes_is_pointed_out(shards, tmp_path):
                      "set it to 3 unless that is intended"]
 
 
+@pytest.mark.parametrize("name", ["k400/vitb16", "sthv1/vitb16", "sthv2/vitb16"])
+def test_each_datasets_config_trains_and_validates_with_its_own_data_settings(shards, tmp_path, capsys, name):
+    """The shipped config's sampling, wrap, flip, grayscale, RandAugment and views, on a tiny network."""
+    tiny = [o for o in TINY if not o.startswith(("data.num_sample", "data.flip"))]
+    resize = "data.resize=18" if name.startswith("k400") else "data.resize=[18,22]"  # SS: an exact H x W
+    args = ["--cfg", str(ROOT / "configs" / f"{name}.yaml"),
+            *tiny, resize, f"data.shards={shards}", f"output_dir={tmp_path}", "schedule.epochs=1"]
+    assert launch.main(args) == 0
+    out = capsys.readouterr().out
+    assert "(x2 views each)" in out and "epoch 1/1: val top-1" in out, out
+    assert "epoch 1/1 step 3 [6/6]" in out  # 12 videos, 2 per device, 2 accumulation steps
+
+
 def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0

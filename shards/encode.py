@@ -141,40 +141,44 @@ def _encode_video_file(source: Source, path: Path, options: EncodeOptions) -> En
         # must be rejected rather than packed short. Workers give the parallelism.
         stream.thread_type = "SLICE"
         rate = stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_FPS)
-        declared = declared_seconds(container, stream)
-        span: list[float] = []  # times of the first and the last decoded frame
+        declared_end = declared_end_time(container, stream, rate)
+        span: list[float] = []  # the earliest and the latest decoded frame time
         try:
             sample = _encode_frames(source, _timed(container.decode(stream), span), Fraction(rate), options)
         except av.FFmpegError as error:
             raise _Reject(f"undecodable: decoding failed ({error}); the file is truncated or corrupt") from None
-    if declared and len(span) == 2:  # FFmpeg stops quietly at a cut WebM's end: compare the time covered
-        covered = span[1] - span[0] + 1 / float(rate)
-        if covered < TRUNCATED_BELOW * declared:
-            raise _Reject(f"undecodable: its frames cover {covered:.2f} s of the {declared:.2f} s its header "
-                          "declares; the file is truncated")
+    if declared_end is not None and span:  # FFmpeg stops quietly at a cut WebM's end: compare the time covered
+        first, end = span[0], span[1] + 1 / float(rate)
+        if end - first < TRUNCATED_BELOW * (declared_end - first):
+            raise _Reject(f"undecodable: its frames cover {end - first:.2f} s of the {declared_end - first:.2f} s "
+                          "its header declares; the file is truncated")
     return sample
 
 
-def declared_seconds(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
-    """How long the file says the video stream lasts: the stream's duration (after MP4 edit lists),
-    else Matroska's per-track DURATION tag, else the container's when the video is its only stream."""
+def declared_end_time(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                      rate: Fraction) -> float | None:
+    """When the file says the video stream ends (s): the stream's start plus its duration (after MP4
+    edit lists), else Matroska's per-track DURATION tag (an end time), else the container's end when
+    the video is its only stream; for AVI also its header's frame count, which a cut leaves intact."""
+    start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
+    ends = []
     if stream.duration and stream.time_base:
-        return float(stream.duration * stream.time_base)
-    if match := re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", stream.metadata.get("DURATION", "")):
+        ends.append(start + float(stream.duration * stream.time_base))
+    elif match := re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", stream.metadata.get("DURATION", "")):
         hours, minutes, secs = match.groups()
-        return int(hours) * 3600 + int(minutes) * 60 + float(secs)
-    if container.duration and len(container.streams) == 1:  # another stream may run longer
-        return container.duration / av.time_base
-    return None
+        ends.append(int(hours) * 3600 + int(minutes) * 60 + float(secs))
+    elif container.duration and len(container.streams) == 1:  # another stream may run longer
+        ends.append(((container.start_time or 0) + container.duration) / av.time_base)
+    if stream.frames and container.format.name == "avi":  # constant rate; its duration shrinks with a cut
+        ends.append(start + stream.frames / float(rate))
+    return max(ends, default=None)
 
 
 def _timed(frames: Iterator[av.VideoFrame], span: list[float]) -> Iterator[av.VideoFrame]:
-    """The frames, noting in `span` the time of the first and of the latest one."""
+    """The frames, keeping in `span` the earliest and the latest frame time seen."""
     for frame in frames:
         if frame.time is not None:
-            if not span:
-                span.append(frame.time)  # the first
-            span[1:] = [frame.time]  # the latest
+            span[:] = [min(span[0], frame.time), max(span[1], frame.time)] if span else [frame.time, frame.time]
         yield frame
 
 

@@ -351,10 +351,31 @@ def test_complete_videos_with_odd_timing_are_not_taken_for_truncated(tmp_path):
     _write_timed(tmp_path / "vfr.webm", variable)
     _write_timed(tmp_path / "vfr.mp4", variable)
     _write_timed(tmp_path / "trimmed.mp4", [i * 40 for i in range(100)], packet_shift=2000)  # 2 s of 4 hidden
+    _write_timed(tmp_path / "late.webm", [1000 + i * 33 for i in range(30)])  # starts at 1 s: its tag is an end time
     options = EncodeOptions(layout="frames", short_side=0)
-    for name in ("vfr.webm", "vfr.mp4", "trimmed.mp4"):
+    for name in ("vfr.webm", "vfr.mp4", "trimmed.mp4", "late.webm"):
         sample = encode_source(Source(key=name.replace(".", "_"), path=name, label=0), tmp_path, options)
         assert isinstance(sample, EncodedSample), (name, sample.reason)
+
+
+def test_a_cut_avi_is_rejected_by_its_header_frame_count(tmp_path):
+    """An AVI cut before its index reports the duration it could scan; its header still counts every frame."""
+    from shards.encode import encode_source
+
+    noise = np.random.default_rng(0).integers(0, 255, (100, 64, 64, 3), dtype=np.uint8)  # frames dominate the bytes
+    with av.open(str(tmp_path / "whole.avi"), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for frame in noise:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    data = (tmp_path / "whole.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])
+    options = EncodeOptions(layout="frames", short_side=0)
+    assert isinstance(encode_source(Source(key="whole", path="whole.avi", label=0), tmp_path, options), EncodedSample)
+    cut = encode_source(Source(key="cut", path="cut.avi", label=0), tmp_path, options)
+    assert isinstance(cut, Rejection) and "the file is truncated" in cut.reason
 
 
 def test_tars_read_as_plain_webdataset(dataset, tmp_path):

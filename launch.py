@@ -75,8 +75,10 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
     if checkpoint is not None:  # checked before anything is built
         changes = check_resume_config(checkpoint["config"], config_to_dict(config), checkpointer.last_path)
         if checkpoint["epoch"] >= config.schedule.epochs and not checkpoint.get("validation_due"):
-            log.info(f"{checkpointer.last_path}: the run is complete ({checkpoint['epoch']} epochs, best val top-1 "
-                     f"{checkpoint['best_top1']:.2f}%); to train longer, resume with schedule.epochs=N")
+            validated = checkpoint["best_epoch"] >= 0
+            best = f"best val top-1 {checkpoint['best_top1']:.2f}%" if validated else "no validation"
+            log.info(f"{checkpointer.last_path}: the run is complete ({checkpoint['epoch']} epochs, {best}); "
+                     "to train longer, resume with schedule.epochs=N")
             return
     trainer = build_trainer(config, world, log, checkpointer, resuming=checkpoint is not None)
     if checkpoint is not None:
@@ -84,9 +86,15 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
         if changes:
             log.info(f"resumed with config changes: {'; '.join(changes)}")
         state = trainer.state
-        pending = f"the validation after epoch {state.epoch}, then " if state.validation_due else ""
-        log.info(f"resuming from {checkpointer.last_path}: {pending}epoch {state.epoch + 1}, "
-                 f"step {state.step}, batch {state.batch_in_epoch}")
+        if any(change.startswith("data.val_split:") for change in changes):  # scores on another split
+            state.best_top1, state.best_epoch = -1.0, -1
+            log.info("data.val_split changed: best.pt is chosen afresh on the new split")
+        if state.epoch >= trainer.epochs:  # only the last validation is left
+            log.info(f"resuming from {checkpointer.last_path}: the validation after epoch {state.epoch}")
+        else:
+            pending = f"the validation after epoch {state.epoch}, then " if state.validation_due else ""
+            log.info(f"resuming from {checkpointer.last_path}: {pending}epoch {state.epoch + 1}, "
+                     f"step {state.step}, batch {state.batch_in_epoch}")
     elif args.resume:
         log.info(f"--resume: no checkpoint in {config.output_dir}, starting from scratch")
     if world.is_main:

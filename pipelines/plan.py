@@ -43,9 +43,6 @@ class ClipSpec:
     def __post_init__(self):
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.frames_per_segment % 2 == 0:
-            raise ValueError(f"frames_per_segment must be odd (a window centred on each sampled frame), "
-                             f"got {self.frames_per_segment}")
         if self.sampling_scheme not in sampling.SCHEMES:
             raise ValueError(f"sampling must be one of {sampling.SCHEMES}, got {self.sampling_scheme!r}")
         if self.flip not in FLIPS:
@@ -53,6 +50,9 @@ class ClipSpec:
         for name in ("num_segments", "frames_per_segment", "image_size", "num_sample", "test_clips"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.frames_per_segment % 2 == 0:
+            raise ValueError(f"frames_per_segment must be odd (a window centred on each sampled frame), "
+                             f"got {self.frames_per_segment}")
         if self.test_crops not in augment.TEST_CROPS:
             raise ValueError(f"test_crops must be one of {augment.TEST_CROPS}, got {self.test_crops}")
         if not 0.0 <= self.grayscale_prob <= 1.0:

@@ -194,6 +194,10 @@ def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *overrides(shards, run_dir)]) == 0
     assert "the run is complete (2 epochs" in capsys.readouterr().out  # and nothing is retrained
     assert torch.load(run_dir / "last.pt", weights_only=False)["step"] == checkpoint["step"]
+    longer = overrides(shards, run_dir, "schedule.epochs=3", "data.val_split=train")
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *longer]) == 0
+    assert "data.val_split changed: best.pt is chosen afresh on the new split" in capsys.readouterr().out
+    assert torch.load(run_dir / "best.pt", weights_only=False)["best_epoch"] == 2  # the new split's only score
 
     changed = overrides(shards, run_dir, "optim.lr=0.5", "seed=4")
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *changed]) == 1

@@ -53,7 +53,7 @@ def dataset(tmp_path_factory) -> dict:
     (root / "text.mp4").write_text("not a video\n")
     (root / "truncated.mp4").write_bytes((data / "bikes.mp4").read_bytes()[:4000])
     (root / "a_directory.mp4").mkdir()
-    _write_faststart_mp4(root / "cut.mp4")
+    _write_noise_h264(root / "cut.mp4", 40, 32, {"movflags": "faststart"})  # index first: a cut file opens
     data_bytes = (root / "cut.mp4").read_bytes()
     (root / "cut.mp4").write_bytes(data_bytes[: len(data_bytes) // 2])  # index intact, frames cut off
     _write_audio_only(root / "audio.mp4")
@@ -85,12 +85,12 @@ def dataset(tmp_path_factory) -> dict:
     return {"root": root, "counts": counts}
 
 
-def _write_faststart_mp4(path: Path) -> None:
-    """A small H.264 MP4 with its index (moov) first, so a cut file still opens."""
-    video = np.random.default_rng(0).integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+def _write_noise_h264(path: Path, num_frames: int, size: int, options: dict | None = None) -> None:
+    """H.264 frames of random pixels, so the frames (not headers or index) make up the file's bytes."""
+    video = np.random.default_rng(0).integers(0, 255, (num_frames, size, size, 3), dtype=np.uint8)
+    with av.open(str(path), "w", options=options or {}) as container:
         stream = container.add_stream("libx264", rate=25)
-        stream.width = stream.height = 32
+        stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         for frame in video:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
@@ -362,14 +362,7 @@ def test_a_cut_avi_is_rejected_by_its_header_frame_count(tmp_path):
     """An AVI cut before its index reports the duration it could scan; its header still counts every frame."""
     from shards.encode import encode_source
 
-    noise = np.random.default_rng(0).integers(0, 255, (100, 64, 64, 3), dtype=np.uint8)  # frames dominate the bytes
-    with av.open(str(tmp_path / "whole.avi"), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width = stream.height = 64
-        stream.pix_fmt = "yuv420p"
-        for frame in noise:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
+    _write_noise_h264(tmp_path / "whole.avi", 100, 64)
     data = (tmp_path / "whole.avi").read_bytes()
     (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])
     options = EncodeOptions(layout="frames", short_side=0)

@@ -43,8 +43,7 @@ class ClipSpec:
     def __post_init__(self):
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.sampling_scheme not in sampling.SCHEMES:
-            raise ValueError(f"sampling must be one of {sampling.SCHEMES}, got {self.sampling_scheme!r}")
+        sampling.check_scheme(self.sampling_scheme)
         if self.flip not in FLIPS:
             raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
         for name in ("num_segments", "frames_per_segment", "image_size", "num_sample", "test_clips"):

@@ -23,8 +23,7 @@ def clip_centres(scheme: str, split: str, num_frames: int, num_segments: int, nu
 
     `rng` draws the training centres; val and test are deterministic.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"sampling must be one of {SCHEMES}, got {scheme!r}")
+    check_scheme(scheme)
     kinetics = scheme == "kinetics"
     if split == "train":
         draw = kinetics_train_centres if kinetics else train_centres
@@ -32,6 +31,12 @@ def clip_centres(scheme: str, split: str, num_frames: int, num_segments: int, nu
     if split == "val":
         return (kinetics_val_centres if kinetics else val_centres)(num_frames, num_segments)[None]
     return (kinetics_test_centres if kinetics else test_centres)(num_frames, num_segments, num_clips)
+
+
+def check_scheme(scheme: str) -> None:
+    """Raise ValueError unless `scheme` is one of SCHEMES."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"sampling must be one of {SCHEMES}, got {scheme!r}")
 
 
 def train_centres(num_frames: int, num_segments: int, rng: np.random.Generator) -> np.ndarray:

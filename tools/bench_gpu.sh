@@ -28,7 +28,7 @@ run_step pipeline 300 "$python" tools/bench_pipeline.py --device cuda --batch-si
   --seconds 8 --work /tmp/bench_work --json "$out/pipeline.json"
 run_step train 200 "$python" tools/bench_train.py --cfg configs/k400/vitb16.yaml --steps 20 --warmup 5 \
   data.shards=/tmp/bench_work/shards/frames model.clip_weights=null data.global_batch_size=32 \
-  data.max_device_batch_size=32 data.val_split=null output_dir=/tmp/bench_train_run  # its shards: train only
+  data.max_device_batch_size=32 output_dir=/tmp/bench_train_run  # bench_train skips validation itself
 run_step shards 100 "$python" tools/bench_shards.py --device gpu --threads "$threads" --clips-per-batch 32 \
   --seconds 2 --repeats 2 --videos /tmp/bench_work/videos/video000.mp4  # made by the pipeline step
 run_step model_vitl14 200 "$python" tools/bench_model.py --arch ViT-L-14 --batch 32 --segments 8 --device cuda \

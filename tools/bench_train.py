@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tdsclip.build import build_trainer  # noqa: E402
 from shards.manifest import ShardFormatError  # noqa: E402
+from tdsclip.build import build_trainer  # noqa: E402
 from tdsclip.config import ConfigError, load_config  # noqa: E402
 from tdsclip.distributed import init_distributed  # noqa: E402
 from tdsclip.metrics import MetricsLogger, StepTimer  # noqa: E402

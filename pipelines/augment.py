@@ -146,28 +146,30 @@ def grayscale(images, gray):
     return images
 
 
-def _shift(data, start, shape, fill_value=128):
-    """Translate by whole pixels: a padded slice of the frame's `shape` starting at `start` (y, x).
-
-    DALI's translate is a linear `fn.warp_affine`, which on the CPU costs ~10x a nearest warp
-    (~3 ms per 224x224 frame); a slice moves the same content for a copy.
+def _shift(data, rel_offset, shape, axis: int, fill_value=128):
+    """Translate along `axis` (0: y, 1: x) by `rel_offset` of the frame's `shape` (H, W), in whole pixels:
+    a padded slice of the frame's extent. Output pixel p shows input floor(p + 0.5 - d), d = rel_offset
+    * extent: exactly DALI's translate (a linear `fn.warp_affine`) at nearest interpolation, which on
+    the CPU costs ~10x this copy (~3 ms per 224x224 frame).
     """
-    return fn.slice(data, start=start, shape=shape, axis_names="HW", out_of_bounds_policy="pad",
+    from nvidia.dali import math as dmath
+
+    extent = shape[axis:axis + 1]  # (1,): a slice start and shape are vectors over the sliced axes
+    start = fn.cast(dmath.floor(0.5 - rel_offset * extent), dtype=types.INT32)
+    return fn.slice(data, start=start, shape=extent, axis_names="HW"[axis], out_of_bounds_policy="pad",
                     fill_values=fill_value)
 
 
-def _as_shift(translate, axis: int, shape: tuple[int, int]):
-    """DALI's translate_x (axis 1) / translate_y (axis 0) on `shape` frames, same magnitudes and signs,
-    done by `_shift`: exactly DALI's translate at nearest interpolation (whole pixels)."""
+def _as_shift(translate, axis: int):
+    """DALI's translate_x (axis 1) / translate_y (axis 0), same magnitudes and signs, done by `_shift`."""
     from nvidia.dali.auto_aug.core import augmentation
 
-    def start(magnitude):  # content moves by d = magnitude * size: output pixel x shows floor(x + 0.5 - d)
-        yx = np.zeros(2, np.int32)
-        yx[axis] = math.floor(0.5 - magnitude * shape[axis])
-        return yx
+    def shift(data, rel_offset, shape, fill_value=128):
+        return _shift(data, rel_offset, shape, axis, fill_value)
 
-    return augmentation(_shift, mag_range=translate.mag_range, randomly_negate=translate.randomly_negate,
-                        mag_to_param=start, name=translate.name)
+    # The param is the signed share itself (DALI's own maps it to a (x, y) offset vector).
+    return augmentation(shift, mag_range=translate.mag_range, randomly_negate=translate.randomly_negate,
+                        mag_to_param=np.float32, name=translate.name)
 
 
 def _sharpen(data, kernel):
@@ -203,9 +205,9 @@ def _solarize_add_shift(magnitude_bin) -> np.ndarray:
     return np.uint8(int(magnitude_bin) * 110 // (RA_NUM_BINS - 1))  # timm: int(level / 10 * 110)
 
 
-def _rand_augment_suite(shape: tuple[int, int]) -> list:
-    """The RA_OPS operations for frames of `shape` (H, W): DALI's monotonic RandAugment suite plus its
-    invert and solarize_add, at timm's magnitudes; translations done as whole-pixel shifts."""
+def _rand_augment_suite() -> list:
+    """The RA_OPS operations: DALI's monotonic RandAugment suite plus its invert and solarize_add, at
+    timm's magnitudes; translations done as whole-pixel shifts of a share of the `shape` they are given."""
     from nvidia.dali.auto_aug import augmentations as ops
     from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
 
@@ -222,25 +224,26 @@ def _rand_augment_suite(shape: tuple[int, int]) -> list:
     if missing:  # the op numbers in plans must mean the same operations
         raise RuntimeError(f"DALI's RandAugment suite has no {missing}; it has {sorted(by_name)}")
     for axis, name in ((1, "translate_x"), (0, "translate_y")):
-        by_name[name] = _as_shift(by_name[name], axis, shape)
+        by_name[name] = _as_shift(by_name[name], axis)
     by_name["sharpness"], by_name["equalize"] = _without_deprecated_ops(by_name["sharpness"], by_name["equalize"])
     return [by_name[name] for name in RA_OPS]
 
 
-def rand_augment(images, draws, n: int, size: int):
+def rand_augment(images, draws, n: int, frame_size):
     """RandAugment with the ops and magnitudes drawn in numpy per clip (plan.ra), nvidia.dali.auto_aug ops.
 
-    `draws` is a (3, n) int32 input per sample: op index, magnitude bin, negate, per level. The
-    source repeats a clip's draws for each of its frames, so all frames get the same operations;
-    each level is a DALI conditional, so every op runs once on the frames that chose it.
+    `draws` is a (3, n) int32 input per sample: op index, magnitude bin, negate, per level;
+    `frame_size` the (H, W) of the sample's frames (an int32 input). The source
+    repeats a clip's draws for each of its frames, so all frames get the same operations; each level
+    is a DALI conditional, so every op runs once on the frames that chose it.
     """
     from nvidia.dali.auto_aug.core import select, signed_bin
 
-    suite = _rand_augment_suite((size, size))
+    suite = _rand_augment_suite()
     for level in range(n):
         magnitude = signed_bin(draws[1, level], draws[2, level])
         images = select(suite, draws[0, level], data=images, magnitude_bin=magnitude,
-                        num_magnitude_bins=RA_NUM_BINS, shape=(size, size), fill_value=128)
+                        num_magnitude_bins=RA_NUM_BINS, shape=frame_size, fill_value=128)
     return images
 
 

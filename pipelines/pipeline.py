@@ -2,7 +2,7 @@
 
 Both read through a ClipSource (pipelines/source.py) and decode on the GPU ("mixed": nvJPEG /
 NVDEC) or the CPU, then make O views per video, each one fused crop+resize (one resampling),
-per-clip mirror, and CLIP normalization. Train adds per-clip grayscale and RandAugment.
+per-clip mirror, and CLIP normalization. Train adds per-clip RandAugment (before the crop) and grayscale.
 
 Decode modes: "frame" decodes each JPEG as its own sample (biggest decoder batches; every op
 whose parameters come from the source stays per clip because the source repeats them for
@@ -17,23 +17,24 @@ from pipelines.source import ClipSource
 
 
 def read_clips(source: ClipSource, decode_device: str, parallel: int, decoder_options: dict):
-    """Encoded inputs -> decoded uint8 frames (HWC per frame, or FHWC per clip) and, per view, the params
-    (roi_start, roi_end, mirror, gray or None, RandAugment draws or None)."""
+    """Encoded inputs -> decoded uint8 frames (HWC per frame, or FHWC per clip), their (H, W) size (None
+    without RandAugment) and, per view, the params (roi_start, roi_end, mirror, gray or None, RandAugment
+    draws or None)."""
     outputs = fn.external_source(source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
                                  **({"parallel": True, "prefetch_queue_depth": parallel + 1} if parallel else {}))
     if source.mode == "frame":
         images = fn.decoders.image(outputs[0], device=decode_device, output_type=types.RGB, **decoder_options)
-        params = outputs[1:]
     else:
         images = fn.decoders.video(outputs[0], frames=outputs[1], device=decode_device)  # (F, H, W, C)
-        params = outputs[2:]
+    frame_size = outputs[source.num_inputs - 1] if source.randaugment else None
+    params = outputs[source.num_inputs:]
     views = []
     for first in range(0, len(params), source.params_per_view):
         roi_start, roi_end, mirror, *extra = params[first:first + source.params_per_view]
         gray = extra.pop(0) if source.grayscale else None
         draws = extra.pop(0) if source.randaugment else None
         views.append((roi_start, roi_end, mirror, gray, draws))
-    return images, views
+    return images, frame_size, views
 
 
 def _output(images, mirror, dtype, mode: str):
@@ -43,15 +44,21 @@ def _output(images, mirror, dtype, mode: str):
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dtype,
                    randaugment_levels: int = 0, parallel: int = 0, decoder_options: dict | None = None):
-    """O = num_sample training views per video: RRC (fused), [grayscale], [RandAugment], mirror, normalize."""
-    images, views = read_clips(source, decode_device, parallel, decoder_options or {})
+    """O = num_sample training views per video: [RandAugment], RRC (fused), [grayscale], mirror, normalize.
+
+    RandAugment works on the stored frames, before the crop, as the official code runs it on the
+    frames before scaling: its translations are a share of the whole frame and its rotations and
+    shears fill corners that the crop may leave out.
+    """
+    images, frame_size, views = read_clips(source, decode_device, parallel, decoder_options or {})
     outputs = []
     for roi_start, roi_end, mirror, gray, draws in views:
-        view = augment.crop_resize(images, roi_start, roi_end, image_size, augment.INTERP["train"])
+        view = images
+        if source.randaugment:
+            view = augment.rand_augment(view, draws, randaugment_levels, frame_size)
+        view = augment.crop_resize(view, roi_start, roi_end, image_size, augment.INTERP["train"])
         if source.grayscale:
             view = augment.grayscale(view, gray)
-        if source.randaugment:
-            view = augment.rand_augment(view, draws, randaugment_levels, image_size)
         outputs.append(_output(view, mirror, dtype, source.mode))
     return tuple(outputs)
 
@@ -60,7 +67,7 @@ def train_pipeline(source: ClipSource, *, image_size: int, decode_device: str, d
 def eval_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dtype, parallel: int = 0,
                   decoder_options: dict | None = None):
     """O = test_crops views per video (1 for val): fixed crops of the scaled frame (fused), mirror, normalize."""
-    images, views = read_clips(source, decode_device, parallel, decoder_options or {})
+    images, _, views = read_clips(source, decode_device, parallel, decoder_options or {})
     return tuple(_output(augment.crop_resize(images, start, end, image_size, augment.INTERP["eval"]),
                          mirror, dtype, source.mode)
                  for start, end, mirror, _, _ in views)

@@ -7,8 +7,10 @@ rebuild, and its prefetch queue runs across epoch boundaries. Two modes (pipelin
 - "frame": one DALI sample per frame: (jpeg, params...); a batch holds B videos x F frames; the
   clip's params are repeated for each of its frames.
 - "video": one DALI sample per video: (webm, frame indices, params...).
-params are, for each of the O views: roi_start (y0, x0), roi_end (y1, x1), mirror, then gray (bool)
-when the graph converts to grayscale, then the RandAugment draws ((3, n) int32) when it augments.
+When the graph runs RandAugment, the stored frame size (H, W) (int32) follows: RandAugment works on
+the stored frames, whose translations are a share of their size. Then params, for each of the O
+views: roi_start (y0, x0), roi_end (y1, x1), mirror, then gray (bool) when the graph converts to
+grayscale, then the RandAugment draws ((3, n) int32) when it augments.
 Each param output is one dense array over the batch, not a list of per-sample arrays: DALI (and,
 with reader processes, the shared-memory hand-over) then pays per batch, not per frame, which made
 the host-side feed 2-3x faster (docs/benchmarks.md, "Host-side feed").
@@ -52,7 +54,12 @@ class ClipSource:
 
     @property
     def num_outputs(self) -> int:
-        return {"frame": 1, "video": 2}[self.mode] + self.params_per_view * self.num_views
+        return self.num_inputs + self.params_per_view * self.num_views
+
+    @property
+    def num_inputs(self) -> int:
+        """Outputs before the per-view params: encoded data, [frame indices], [frame size]."""
+        return {"frame": 1, "video": 2}[self.mode] + self.randaugment
 
     @property
     def params_per_view(self) -> int:
@@ -70,6 +77,8 @@ class ClipSource:
         samples = self.planner.samples
         rows = slice(batch * plan.batch_size, (batch + 1) * plan.batch_size)
         params = self._params(plan, rows)
+        if self.randaugment:
+            params.insert(0, np.array([(samples[i].height, samples[i].width) for i in plan.sample[rows]], np.int32))
         if self.mode == "frame":
             clips = [(samples[plan.sample[row]], plan.frames[row]) for row in range(rows.start, rows.stop)]
             jpegs, starts = self._read([(sample, *_frame_spans(sample.ranges[frames])) for sample, frames in clips])

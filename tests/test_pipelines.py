@@ -214,6 +214,36 @@ def test_randaugment_same_ops_for_every_frame_of_a_clip_and_clips_differ(tmp_pat
     assert not changed[torch.from_numpy(identity)].any()
 
 
+@pytest.mark.parametrize("layout", ["frames", "video"])
+def test_randaugment_works_on_the_stored_frame_before_the_crop(tmp_path, monkeypatch, layout):
+    """As the official code (RandAugment before scaling): a translation moves the whole stored frame by a
+    share of ITS width, and the crop then sees fill only where its window overlaps the vacated part."""
+    color = np.zeros((24, 40, 3), np.uint8) + np.array([200, 50, 100], np.uint8)
+    write_shards(tmp_path, "train", [{"key": f"c{i}", "label": 0, "frames": [color] * 6} for i in range(8)],
+                 layout=layout)
+
+    def largest_shift_right(rows, views, n, m, mstd, rng):  # translate_x at magnitude 10, positive
+        draw = [augment.RA_OPS.index("translate_x"), augment.RA_NUM_BINS - 1, 0]
+        return np.broadcast_to(np.array(draw, np.int32)[:, None], (rows, views, 3, n)).copy()
+
+    monkeypatch.setattr(plan_module, "_rand_augment_draws", largest_shift_right)
+    data = pipelines.loader(tmp_path, "train", 8, num_segments=2, num_threads=1, seed=5,
+                            randaugment="rand-m9-n1", **SIZE)
+    red = next(iter(data))["clips"][:, :, :, 0] * CLIP_STD[0] + CLIP_MEAN[0]  # (8, T, 5, S, S), 0-1
+    columns = (red * 255).mean(dim=(1, 2, 3))  # (8, S)
+    vacated = augment.RA_TRANSLATE * 40  # stored columns x < 18 are fill (128) after the shift
+    size = SIZE["image_size"]
+    overlaps = []
+    for clip, (y0, x0, y1, x1) in zip(columns, data.plan(0).roi[:, 0]):
+        x = x0 + (np.arange(size) + 0.5) * (x1 - x0) / size  # where each output column samples
+        margin = max(1.0, (x1 - x0) / size) + 0.5  # the linear, antialiased resampling blends this far
+        fill, kept = x < vacated - margin, x > vacated + margin
+        assert torch.allclose(clip[torch.from_numpy(fill)], torch.tensor(128.0), atol=4)
+        assert torch.allclose(clip[torch.from_numpy(kept)], torch.tensor(200.0), atol=6)
+        overlaps.append(fill.mean())
+    assert min(overlaps) < 0.3 < max(overlaps)  # the share of fill follows each crop, not a fixed 45%
+
+
 def test_one_pipeline_streams_consecutive_epochs(frame_shards):
     data = pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=6, num_threads=1, **SIZE)
     first = list(data)

@@ -93,33 +93,39 @@ def test_ten_crops_alternate_plain_and_mirrored(gradient_shards):
 
 @pytest.mark.parametrize("name", ["translate_x", "translate_y"])
 def test_randaugment_translate_is_dalis_translate_in_whole_pixels(name):
-    """Our slice-based translate equals DALI's warp translate at nearest interpolation, every bin and sign."""
+    """Our slice-based translate equals DALI's warp translate at nearest interpolation, every bin and sign,
+    on frames of different sizes in one batch (a share of each frame's own size)."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
     from nvidia.dali.auto_aug.core import signed_bin
 
     index = augment.RA_OPS.index(name)
-    image = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
-    ours = augment._rand_augment_suite(image.shape[:2])[index]
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size, dtype=np.uint8) for size in ((24, 40, 3), (31, 17, 3))]
+    ours = augment._rand_augment_suite()[index]
     suite = dali_rand_augment.get_rand_augment_suite(use_shape=True, max_translate_rel=augment.RA_TRANSLATE)
     (dalis,) = [op for op in suite if op.name.endswith(name)]
-    bins = np.repeat(np.arange(augment.RA_NUM_BINS, dtype=np.int32), 2)
-    signs = np.tile(np.arange(2, dtype=np.int32), augment.RA_NUM_BINS)
+    bins = np.repeat(np.arange(augment.RA_NUM_BINS, dtype=np.int32), 4)
+    signs = np.tile(np.repeat(np.arange(2, dtype=np.int32), 2), augment.RA_NUM_BINS)
+    batch = [images[i % 2] for i in range(len(bins))]
 
     @pipeline_def(batch_size=len(bins), num_threads=1, device_id=None)
     def both():
-        images = fn.external_source(source=lambda: [image] * len(bins), batch=True, layout="HWC")
+        frames = fn.external_source(source=lambda: batch, batch=True, layout="HWC")
+        sizes = fn.external_source(source=lambda: [np.array(b.shape[:2], np.int32) for b in batch], batch=True)
         magnitude = signed_bin(fn.external_source(source=lambda: list(bins), batch=True),
                                fn.external_source(source=lambda: list(signs), batch=True))
-        common = dict(magnitude_bin=magnitude, num_magnitude_bins=augment.RA_NUM_BINS, shape=image.shape[:2],
-                      fill_value=128)
-        return ours(images, **common), dalis(images, interp_type=types.INTERP_NN, **common)
+        common = dict(magnitude_bin=magnitude, num_magnitude_bins=augment.RA_NUM_BINS, shape=sizes, fill_value=128)
+        return ours(frames, **common), dalis(frames, interp_type=types.INTERP_NN, **common)
 
     pipe = both()
     pipe.build()
-    shifted, warped = (np.stack([np.asarray(s) for s in out]) for out in pipe.run())
-    np.testing.assert_array_equal(shifted, warped)
-    assert (shifted[-2] != image).any() and (shifted[-2] == 128).any()  # the largest shift moves and pads
+    shifted, warped = ([np.asarray(s) for s in out] for out in pipe.run())
+    for i, (got, want) in enumerate(zip(shifted, warped)):
+        np.testing.assert_array_equal(got, want, err_msg=f"bin {bins[i]}, sign {signs[i]}, size {batch[i].shape}")
+    for last in shifted[-4:]:  # the largest shift, on each size: moves and pads
+        assert last.shape == batch[0].shape or last.shape == batch[1].shape
+        assert (last == 128).all(axis=2).any() and not any(np.array_equal(last, image) for image in images)
 
 
 def _timm_reference(name: str, image: np.ndarray, magnitude_bin: int) -> np.ndarray:
@@ -143,7 +149,7 @@ def test_randaugment_pixel_ops_match_timms_increasing_set(name, device):
     from nvidia.dali import fn, pipeline_def
 
     assert [augment.posterize_bits(b) for b in (0, 24, 25, 70, 74, 75, 99, 100)] == [4, 4, 3, 2, 2, 1, 1, 0]
-    ours = augment._rand_augment_suite((8, 8))[augment.RA_OPS.index(name)]
+    ours = augment._rand_augment_suite()[augment.RA_OPS.index(name)]
     image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     bins = np.arange(augment.RA_NUM_BINS, dtype=np.int32)
 
@@ -181,7 +187,7 @@ def test_sharpness_and_equalize_are_dalis_without_the_deprecated_aliases(name):
     from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
     from nvidia.dali.auto_aug.core import signed_bin
 
-    ours = augment._rand_augment_suite((24, 40))[augment.RA_OPS.index(name)]
+    ours = augment._rand_augment_suite()[augment.RA_OPS.index(name)]
     (dalis,) = [op for op in dali_rand_augment.get_rand_augment_suite(use_shape=True) if op.name.endswith(name)]
     image = np.random.default_rng(2).integers(0, 256, (24, 40, 3), dtype=np.uint8)
     bins = np.repeat(np.arange(augment.RA_NUM_BINS, dtype=np.int32), 2)

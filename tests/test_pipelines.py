@@ -214,33 +214,45 @@ def test_randaugment_same_ops_for_every_frame_of_a_clip_and_clips_differ(tmp_pat
     assert not changed[torch.from_numpy(identity)].any()
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("layout", ["frames", "video"])
-def test_randaugment_works_on_the_stored_frame_before_the_crop(tmp_path, monkeypatch, layout):
+def test_randaugment_works_on_the_stored_frame_before_the_crop(tmp_path, monkeypatch, layout, device):
     """As the official code (RandAugment before scaling): a translation moves the whole stored frame by a
-    share of ITS width, and the crop then sees fill only where its window overlaps the vacated part."""
-    color = np.zeros((24, 40, 3), np.uint8) + np.array([200, 50, 100], np.uint8)
-    write_shards(tmp_path, "train", [{"key": f"c{i}", "label": 0, "frames": [color] * 6} for i in range(8)],
-                 layout=layout)
+    share of ITS width, and each crop then sees fill only where its window overlaps the vacated part.
+    Videos of four sizes in one batch, two views each, grayscale on some."""
+    sizes = [(24, 40), (40, 24), (32, 56), (20, 20)]
+    color = np.array([200, 50, 100], np.uint8)
+    videos = [{"key": f"c{i}", "label": 0, "frames": [np.zeros((*sizes[i % 4], 3), np.uint8) + color] * 6}
+              for i in range(8)]
+    write_shards(tmp_path, "train", videos, layout=layout)
 
-    def largest_shift_right(rows, views, n, m, mstd, rng):  # translate_x at magnitude 10, positive
-        draw = [augment.RA_OPS.index("translate_x"), augment.RA_NUM_BINS - 1, 0]
-        return np.broadcast_to(np.array(draw, np.int32)[:, None], (rows, views, 3, n)).copy()
+    def largest_shift_right(rows, views, n, m, mstd, rng):  # level 0: translate_x at magnitude 10, positive
+        draws = np.zeros((rows, views, 3, n), np.int32)
+        draws[:, :, 0] = augment.RA_IDENTITY
+        draws[:, :, :, 0] = [augment.RA_OPS.index("translate_x"), augment.RA_NUM_BINS - 1, 0]
+        return draws
 
     monkeypatch.setattr(plan_module, "_rand_augment_draws", largest_shift_right)
-    data = pipelines.loader(tmp_path, "train", 8, num_segments=2, num_threads=1, seed=5,
-                            randaugment="rand-m9-n1", **SIZE)
-    red = next(iter(data))["clips"][:, :, :, 0] * CLIP_STD[0] + CLIP_MEAN[0]  # (8, T, 5, S, S), 0-1
-    columns = (red * 255).mean(dim=(1, 2, 3))  # (8, S)
-    vacated = augment.RA_TRANSLATE * 40  # stored columns x < 18 are fill (128) after the shift
-    size = SIZE["image_size"]
+    data = pipelines.loader(tmp_path, "train", 8, num_segments=2, num_threads=1, seed=5, device=device,
+                            randaugment="rand-m9-n2", grayscale_prob=0.5, num_sample=2, **SIZE)
+    batch = next(iter(data))
+    red = batch["clips"][:, :, :, 0].cpu() * CLIP_STD[0] + CLIP_MEAN[0]  # (8*2, T, 5, S, S), 0-1
+    columns = (red * 255).mean(dim=(1, 2, 3))  # (16, S): a video's two views adjacent
+    plan, size = data.plan(0), SIZE["image_size"]
     overlaps = []
-    for clip, (y0, x0, y1, x1) in zip(columns, data.plan(0).roi[:, 0]):
+    for row, view in np.ndindex(8, 2):
+        width = sizes[int(batch["key"][2 * row][1:]) % 4][1]
+        vacated = augment.RA_TRANSLATE * width  # stored columns x < vacated are fill (128) after the shift
+        y0, x0, y1, x1 = plan.roi[row, view]
         x = x0 + (np.arange(size) + 0.5) * (x1 - x0) / size  # where each output column samples
         margin = max(1.0, (x1 - x0) / size) + 0.5  # the linear, antialiased resampling blends this far
         fill, kept = x < vacated - margin, x > vacated + margin
-        assert torch.allclose(clip[torch.from_numpy(fill)], torch.tensor(128.0), atol=4)
-        assert torch.allclose(clip[torch.from_numpy(kept)], torch.tensor(200.0), atol=6)
+        clip = columns[2 * row + view]
+        content = 0.299 * 200 + 0.587 * 50 + 0.114 * 100 if plan.gray[row, view] else 200.0
+        assert torch.allclose(clip[torch.from_numpy(fill)], torch.tensor(128.0), atol=4), (row, view)
+        assert torch.allclose(clip[torch.from_numpy(kept)], torch.tensor(content), atol=6), (row, view)
         overlaps.append(fill.mean())
+    assert plan.gray.any() and not plan.gray.all()
     assert min(overlaps) < 0.3 < max(overlaps)  # the share of fill follows each crop, not a fixed 45%
 
 
@@ -587,3 +599,20 @@ def test_ctrl_c_during_close_reaches_the_caller(frame_shards):
     data._pipe = Interrupted()
     with pytest.raises(KeyboardInterrupt):
         data.close()
+
+
+def test_bench_pipeline_measurements_run_on_our_graphs(frame_shards):
+    """tools/bench_pipeline.py's stage split, source rate and feed rate build on pipelines' own graphs and
+    sources: they must keep up with their signatures (timing is not asserted)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_pipeline", Path(__file__).parents[1] / "tools" / "bench_pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = pipelines.loader(frame_shards, "train", 1, num_segments=2, num_threads=1, **SIZE)
+    cost = bench.stage_cost(data, SimpleNamespace(image_size=SIZE["image_size"], threads=1, seconds=0))
+    assert set(cost) == {"decode", "crop+resize", "all"} and all(cpu >= 0 and wall > 0 for cpu, wall in cost.values())
+    rate, preads = bench.source_rate(data, seconds=0.2)
+    assert rate > 0 and 1 <= preads <= data.spec.frames_per_video
+    assert bench.feed_rate(data, 0, 1, seconds=0.2) > 0

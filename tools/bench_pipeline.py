@@ -246,7 +246,7 @@ def stage_cost(data: "pipelines.Loader", args) -> dict[str, tuple[float, float]]
 
     @pipeline_def(enable_conditionals=True)
     def cut(source, stage: str, decode_device: str):
-        images, views = read_clips(source, decode_device, 0, {})
+        images, _, views = read_clips(source, decode_device, 0, {})
         if stage == "decode":
             return images
         start, end = views[0][:2]

@@ -9,6 +9,7 @@ Operators (DALI graph): `crop_resize`, `grayscale`, `rand_augment`, `normalize` 
 single frames (HWC) and clips (FHWC); one set of parameters is shared by every frame of a clip.
 """
 
+import functools
 import math
 import re
 
@@ -205,6 +206,25 @@ def _solarize_add_shift(magnitude_bin) -> np.ndarray:
     return np.uint8(int(magnitude_bin) * 110 // (RA_NUM_BINS - 1))  # timm: int(level / 10 * 110)
 
 
+@functools.cache
+def _tabled_augmentation_class():
+    """nvidia.dali.auto_aug's operation class, building its magnitude -> parameter table unconverted.
+
+    In a pipeline with conditionals DALI converts every call with AutoGraph, down to the 101
+    `mag_to_param` calls per operation that fill each table (~1 ms each): 7 of the 10 s a
+    RandAugment pipeline (n=4) took to build. The table holds numpy values only, so converting
+    it buys nothing: the same tables and graph (the suite's operations are checked against DALI's
+    and timm's in tests/test_pipelines_augment.py).
+    """
+    from nvidia.dali.auto_aug.core import _Augmentation
+    from nvidia.dali.pipeline import do_not_convert
+
+    class TabledAugmentation(_Augmentation):
+        _map_mags_to_params = do_not_convert(_Augmentation._map_mags_to_params)
+
+    return TabledAugmentation
+
+
 def _rand_augment_suite() -> list:
     """The RA_OPS operations: DALI's monotonic RandAugment suite plus its invert and solarize_add, at
     timm's magnitudes; translations done as whole-pixel shifts of a share of the `shape` they are given."""
@@ -226,7 +246,8 @@ def _rand_augment_suite() -> list:
     for axis, name in ((1, "translate_x"), (0, "translate_y")):
         by_name[name] = _as_shift(by_name[name], axis)
     by_name["sharpness"], by_name["equalize"] = _without_deprecated_ops(by_name["sharpness"], by_name["equalize"])
-    return [by_name[name] for name in RA_OPS]
+    tabled = _tabled_augmentation_class()
+    return [by_name[name].augmentation(augmentation_cls=tabled) for name in RA_OPS]
 
 
 def rand_augment(images, draws, n: int, frame_size):

@@ -117,7 +117,7 @@ def summarize(console: Console, manifest: Manifest, seconds: float, resumed: int
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # long paths stay on one line, whole
     try:
         options = EncodeOptions(layout=args.layout, short_side=args.short_side, quality=args.quality,
                                 crf=args.crf, gop=args.gop, speed=args.speed, deadline=args.deadline,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_diff, config_to_dict, load_config, save_config
 from tdsclip.distributed import World, all_ranks_keys, close_distributed, init_distributed
 from tdsclip.metrics import MetricsLogger, plural
-from tdsclip.train import NonFiniteLossError, evaluate, write_results
+from tdsclip.train import NonFiniteLossError, check_world_size, evaluate, write_results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,10 +71,11 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
     checkpointer = Checkpointer(config.output_dir, rank=world.rank)
     checkpoint = checkpointer.load_last() if args.resume else None
     if checkpoint is None and not args.resume and checkpointer.last_path.exists():
-        raise SystemExit(f"{checkpointer.last_path} exists: pass --resume to continue that run, "
-                         "or set output_dir=... to start a new one")
+        raise ConfigError(f"{checkpointer.last_path} exists: pass --resume to continue that run, "
+                          "or set output_dir=... to start a new one")
     if checkpoint is not None:  # checked before anything is built
         changes = check_resume_config(checkpoint["config"], config_to_dict(config), checkpointer.last_path)
+        check_world_size(checkpoint, world.world_size)
         if checkpoint["epoch"] >= config.schedule.epochs and not checkpoint.get("validation_due"):
             validated = checkpoint["best_epoch"] >= 0
             best = f"best val top-1 {checkpoint['best_top1']:.2f}%" if validated else "no validation"
@@ -83,6 +85,7 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
     trainer = build_trainer(config, world, log, checkpointer, resuming=checkpoint is not None)
     if checkpoint is not None:
         trainer.restore(checkpoint)
+        log.resume_at(trainer.state.step + 1)
         if changes:
             log.info(f"resumed with config changes: {'; '.join(changes)}")
         state = trainer.state
@@ -141,13 +144,30 @@ def resume_hint(config: RunConfig, args: argparse.Namespace) -> str:
     return "no checkpoint was written yet; rerun the same command to start again"
 
 
+def report_error(error: Exception, world: World) -> None:
+    """Print a run-stopping error (it names the file or key; no traceback) once, where it is the same on
+    every rank: config, checkpoint and non-finite loss (averaged over ranks) from rank 0; missing or
+    malformed files from one rank per node (nodes may hold their own copies); unreadable samples from
+    each rank (each reads its own share)."""
+    if isinstance(error, pipelines.ShardReadError):
+        speaks, named = True, True
+    elif isinstance(error, (FileNotFoundError, ShardFormatError)):
+        speaks, named = world.local_rank == 0, True
+    else:
+        speaks, named = world.is_main, False
+    if speaks:
+        where = f" (rank {world.rank})" if named and world.distributed else ""
+        print(f"error{where}: {error}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.cfg, args.overrides)
         check_pipeline_options(config)
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank reads the same config: say it once
+            print(f"config error: {error}", file=sys.stderr)
         return 2
     world = init_distributed()
     seed = config.seed + world.rank
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         (test if args.test else train)(config, args, world, log)
     except (ConfigError, FileNotFoundError, ShardFormatError, pipelines.ShardReadError, tdsclip.CheckpointError,
             NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)  # the message names the file or key; no traceback needed
+        report_error(error, world)
         return 1
     except KeyboardInterrupt:
         log.close()  # stop the progress bar first, or it draws over the message

@@ -1,6 +1,6 @@
 """What a run reports: TensorBoard scalars and, on rank 0, a rich progress bar or plain log lines.
 
-Scalars (tag: meaning): train/loss, train/lr, train/clips_per_s (global), train/step_time_s,
+Scalars (tag: meaning): train/loss (mean over ranks), train/lr, train/clips_per_s (global), train/step_time_s,
 train/data_wait_frac (time blocked on the pipeline / step time), sys/peak_device_mem_gib,
 sys/host_rss_gib, train/mfu (GPU only), val/top1, val/top5, test/top1, test/top5,
 test/mean_class_acc, data/skipped (samples left out after read errors).
@@ -55,6 +55,7 @@ class MetricsLogger:
         self.enabled = rank == 0
         self.log_dir, self.tensorboard = Path(log_dir), tensorboard
         self.writer = None  # made at the first scalar: a run that fails at start leaves no empty event file
+        self.purge_step: int | None = None
         self.progress = None
         self.task = None
         if not self.enabled:
@@ -80,6 +81,11 @@ class MetricsLogger:
         else:
             print(message, flush=True)
 
+    def resume_at(self, step: int) -> None:
+        """A resumed run logs again from `step` on: TensorBoard then hides what the interrupted run logged
+        there and later (after its last checkpoint), so the curves do not zig-zag between the two."""
+        self.purge_step = step
+
     def start_epoch(self, description: str, total: int, completed: int = 0) -> None:
         if self.progress is not None:
             if self.task is not None:
@@ -97,7 +103,7 @@ class MetricsLogger:
         if self.tensorboard and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)

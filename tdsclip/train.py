@@ -35,6 +35,15 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stops before writing any checkpoint."""
 
 
+def check_world_size(checkpoint: dict, world_size: int) -> None:
+    """A checkpoint written mid-epoch resumes only with its number of processes (each rank's data
+    position belongs to its share of the epoch); one written at an epoch boundary resumes with any."""
+    if checkpoint["batch_in_epoch"] and checkpoint["world_size"] != world_size:
+        raise CheckpointError(f"the checkpoint was written mid-epoch by {checkpoint['world_size']} processes and "
+                              f"this run has {world_size}: resume with the same command and process count "
+                              f"(torchrun --nproc_per_node=... --nnodes=...)")
+
+
 def derive_batch(global_batch_size: int, world_size: int, max_device_batch_size: int) -> tuple[int, int]:
     """(per-device batch, gradient accumulation steps) so that per_device * accum * world == global.
 
@@ -131,6 +140,7 @@ class Trainer:
                                 batch_in_epoch=checkpoint["batch_in_epoch"],
                                 best_top1=checkpoint["best_top1"], best_epoch=checkpoint["best_epoch"],
                                 validation_due=checkpoint.get("validation_due", False))
+        check_world_size(checkpoint, self.world.world_size)
         if checkpoint["world_size"] == self.world.world_size:
             set_rng_state(checkpoint["rng"][self.world.rank])
             try:
@@ -143,10 +153,6 @@ class Trainer:
             if saved != mine:
                 raise CheckpointError(f"the checkpoint was trained on {saved} videos, the training data now has "
                                       f"{mine}: resume on the same shards, or start a new run")
-            if self.state.batch_in_epoch:
-                raise CheckpointError(f"the checkpoint was written mid-epoch by {checkpoint['world_size']} "
-                                      f"processes and this run has {self.world.world_size}: resume with the same "
-                                      f"command and process count (torchrun --nproc_per_node=... --nnodes=...)")
             self.metrics.info(f"note: world size changed ({checkpoint['world_size']} -> "
                               f"{self.world.world_size}); random streams restart from the seed")
 
@@ -262,7 +268,15 @@ class Trainer:
         return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
     def _check_finite(self, losses: list[torch.Tensor]) -> list[float]:
-        values = torch.stack(losses).tolist() if losses else []  # one device sync per log point
+        """The per-step losses since the last call, averaged over ranks; raise if any is NaN or infinite.
+
+        One all-reduce (every rank calls this at the same steps) and one device sync per log point;
+        every rank sees the same values, so all stop together rather than some waiting in a collective.
+        """
+        if not losses:
+            return []
+        stacked = all_reduce_sum(torch.stack(losses)) / self.world.world_size
+        values = stacked.tolist()
         for offset, value in enumerate(values):
             if not math.isfinite(value):
                 step = self.state.step - len(values) + offset + 1

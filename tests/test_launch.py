@@ -17,6 +17,8 @@ import pipelines
 import tdsclip
 from pipelines.reader import shard_paths
 from tdsclip.build import build_loaders, build_trainer
+from tdsclip.config import ConfigError
+from tdsclip.distributed import World
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "golden_tiny" / "checkpoint.pt"
@@ -184,8 +186,8 @@ def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     model = tdsclip.load_model(run_dir / "last.pt")  # the model part is readable on its own
     assert model.config.num_classes == NUM_CLASSES and model.config.num_segments == 2
 
-    with pytest.raises(SystemExit, match="last.pt exists: pass --resume"):
-        launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir)])
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir)]) == 1
+    assert "last.pt exists: pass --resume" in capsys.readouterr().err
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *overrides(shards, run_dir)]) == 0
     out = capsys.readouterr().out
     assert "resuming from" in out and "resumed with config changes: schedule.epochs: 1 -> 2" in out
@@ -262,6 +264,20 @@ def test_resume_mid_epoch_is_exact_with_real_pipeline(shards, tmp_path):
     assert [h["loss"] for h in killed.history + resumed.history] == expected
 
 
+def test_a_mid_epoch_checkpoint_of_another_process_count_is_refused_before_anything_is_built(shards, tmp_path,
+                                                                                              capsys):
+    run_dir = tmp_path / "run"
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
+    checkpoint.update(world_size=2, batch_in_epoch=1, epoch=0)  # as if 2 processes had stopped mid-epoch
+    torch.save(checkpoint, run_dir / "last.pt")
+    capsys.readouterr()
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *overrides(shards, run_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert "written mid-epoch by 2 processes and this run has 1" in err
+    assert "batch:" not in out  # refused before the loaders and the model were built
+
+
 def test_torchrun_two_processes_gloo(shards, tmp_path):
     run_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -276,6 +292,8 @@ def test_torchrun_two_processes_gloo(shards, tmp_path):
     checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2 and len(checkpoint["data"]) == 2
     assert checkpoint["data"][0]["epoch"] == 1
+    again = subprocess.run(result.args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode != 0 and again.stderr.count("last.pt exists: pass --resume") == 1  # said once
 
 
 def test_multiview_test_on_official_checkpoint(shards, tmp_path, capsys):
@@ -305,3 +323,20 @@ def test_multiview_test_on_official_checkpoint(shards, tmp_path, capsys):
     direct = probs.topk(5).indices.tolist()
     by_key = {p["key"]: p["top5"] for p in result["predictions"]}
     assert by_key[batch["key"][0]] == direct
+
+
+@pytest.mark.parametrize("rank, local_rank, printed", [(0, 0, {"config", "files", "samples"}),
+                                                       (1, 1, {"samples"}), (2, 0, {"files", "samples"})])
+def test_errors_are_said_once_where_they_are_the_same_on_every_rank(rank, local_rank, printed, capsys):
+    world = World(rank=rank, world_size=4, local_rank=local_rank, device=torch.device("cpu"))
+    errors = {"config": ConfigError("optim.lr: bad"), "files": FileNotFoundError("no /data/shards"),
+              "samples": pipelines.ShardReadError("train-000001.tar: sample 'v7': frame 3 is not a JPEG")}
+    said = set()
+    for kind, error in errors.items():
+        launch.report_error(error, world)
+        err = capsys.readouterr().err
+        if err:
+            said.add(kind)
+            assert str(error) in err
+            assert (f"(rank {rank})" in err) == (kind != "config")  # rank-specific ones say whose
+    assert said == printed

@@ -316,6 +316,37 @@ def test_tensorboard_scalars_read_back(tmp_path):
     assert all(e.value > 0 for e in events.Scalars("train/clips_per_s"))
 
 
+def test_logged_losses_are_the_mean_over_ranks_and_a_nan_on_any_rank_stops_every_rank(tmp_path, monkeypatch):
+    import tdsclip.train as train_module
+
+    trainer = make_trainer(tmp_path)
+    trainer.world = World(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    other_rank = torch.tensor([3.0, 5.0])
+    monkeypatch.setattr(train_module, "all_reduce_sum", lambda t: t + other_rank)  # what rank 1 adds
+    assert trainer._check_finite([torch.tensor(1.0), torch.tensor(2.0)]) == [2.0, 3.5]
+    other_rank = torch.tensor([3.0, float("nan")])  # only the other rank diverged
+    with pytest.raises(NonFiniteLossError, match="at optimizer step 0"):
+        trainer._check_finite([torch.tensor(1.0), torch.tensor(2.0)])
+
+
+def test_a_resumed_run_hides_what_the_interrupted_run_logged_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    interrupted = MetricsLogger(tmp_path)
+    for step in range(1, 11):  # checkpoint at step 5, then steps 6-10 logged before the interruption
+        interrupted.log(step, {"train/loss": 1.0})
+    interrupted.close()
+    resumed = MetricsLogger(tmp_path)
+    resumed.resume_at(6)
+    for step in range(6, 9):
+        resumed.log(step, {"train/loss": 2.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, 1.0) for s in range(1, 6)] + [
+        (s, 2.0) for s in range(6, 9)]
+
+
 def test_validation_runs_at_eval_precision_not_the_training_one(tmp_path, monkeypatch):
     import tdsclip.train as train_module
 

@@ -85,7 +85,6 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
     trainer = build_trainer(config, world, log, checkpointer, resuming=checkpoint is not None)
     if checkpoint is not None:
         trainer.restore(checkpoint)
-        log.resume_at(trainer.state.step + 1)
         if changes:
             log.info(f"resumed with config changes: {'; '.join(changes)}")
         state = trainer.state
@@ -102,6 +101,7 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
         log.info(f"--resume: no checkpoint in {config.output_dir}, starting from scratch")
     if world.is_main:
         save_config(config, Path(config.output_dir) / "config.yaml")
+    log.start_at(trainer.state.step + 1)
     trainer.fit()
     final = trainer.val_history[-1] if trainer.val_history else None
     if final:
@@ -145,18 +145,18 @@ def resume_hint(config: RunConfig, args: argparse.Namespace) -> str:
 
 
 def report_error(error: Exception, world: World) -> None:
-    """Print a run-stopping error (it names the file or key; no traceback) once, where it is the same on
-    every rank: config, checkpoint and non-finite loss (averaged over ranks) from rank 0; missing or
-    malformed files from one rank per node (nodes may hold their own copies); unreadable samples from
-    each rank (each reads its own share)."""
+    """Print a run-stopping error (it names the file or key; no traceback) once per node: the ranks of a
+    node meet the same config, checkpoint and files, but nodes may hold their own copies of the data.
+    An unreadable sample is said by each rank that read one, a non-finite loss (averaged over ranks,
+    the same everywhere) by rank 0."""
     if isinstance(error, pipelines.ShardReadError):
-        speaks, named = True, True
-    elif isinstance(error, (FileNotFoundError, ShardFormatError)):
-        speaks, named = world.local_rank == 0, True
+        speaks = True
+    elif isinstance(error, NonFiniteLossError):
+        speaks = world.is_main
     else:
-        speaks, named = world.is_main, False
+        speaks = world.local_rank == 0
     if speaks:
-        where = f" (rank {world.rank})" if named and world.distributed else ""
+        where = f" (rank {world.rank})" if world.distributed else ""
         print(f"error{where}: {error}", file=sys.stderr)
 
 

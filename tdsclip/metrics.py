@@ -81,9 +81,10 @@ class MetricsLogger:
         else:
             print(message, flush=True)
 
-    def resume_at(self, step: int) -> None:
-        """A resumed run logs again from `step` on: TensorBoard then hides what the interrupted run logged
-        there and later (after its last checkpoint), so the curves do not zig-zag between the two."""
+    def start_at(self, step: int) -> None:
+        """Training logs from `step` on: TensorBoard hides what an earlier, interrupted attempt logged there
+        and later (after the checkpoint this run resumes from), so the curves do not zig-zag. Also set
+        on a fresh run: TensorBoard's older loader (--load_fast=false) skips a run's first such mark."""
         self.purge_step = step
 
     def start_epoch(self, description: str, total: int, completed: int = 0) -> None:

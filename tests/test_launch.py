@@ -174,6 +174,14 @@ def test_each_datasets_config_trains_and_validates_with_its_own_data_settings(sh
     assert "epoch 1/1 step 3 [6/6]" in out  # 12 videos, 2 per device, 2 accumulation steps
 
 
+def tensorboard_start_marks(run_dir: Path) -> list[int]:
+    """Steps of the session-start marks (SummaryWriter's purge_step) in `run_dir`'s event files, sorted."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return sorted(event.step for path in run_dir.glob("events.out.tfevents.*")
+                  for event in EventFileLoader(str(path)).Load() if event.HasField("session_log"))
+
+
 def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0
@@ -188,11 +196,14 @@ def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
 
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir)]) == 1
     assert "last.pt exists: pass --resume" in capsys.readouterr().err
+    first_step = torch.load(run_dir / "last.pt", weights_only=False)["step"]
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *overrides(shards, run_dir)]) == 0
     out = capsys.readouterr().out
     assert "resuming from" in out and "resumed with config changes: schedule.epochs: 1 -> 2" in out
     checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["schedule"]["epochs"] == 2
+    # each run marks where it starts logging, so TensorBoard hides what an interrupted attempt logged there on
+    assert tensorboard_start_marks(run_dir) == [1, first_step + 1]
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *overrides(shards, run_dir)]) == 0
     assert "the run is complete (2 epochs" in capsys.readouterr().out  # and nothing is retrained
     assert torch.load(run_dir / "last.pt", weights_only=False)["step"] == checkpoint["step"]
@@ -325,18 +336,20 @@ def test_multiview_test_on_official_checkpoint(shards, tmp_path, capsys):
     assert by_key[batch["key"][0]] == direct
 
 
-@pytest.mark.parametrize("rank, local_rank, printed", [(0, 0, {"config", "files", "samples"}),
-                                                       (1, 1, {"samples"}), (2, 0, {"files", "samples"})])
-def test_errors_are_said_once_where_they_are_the_same_on_every_rank(rank, local_rank, printed, capsys):
+@pytest.mark.parametrize("rank, local_rank, printed", [(0, 0, {"config", "files", "samples", "loss"}),
+                                                       (1, 1, {"samples"}), (2, 0, {"config", "files", "samples"})])
+def test_errors_are_said_once_per_node_or_by_the_rank_they_concern(rank, local_rank, printed, capsys):
+    from tdsclip.train import NonFiniteLossError
+
     world = World(rank=rank, world_size=4, local_rank=local_rank, device=torch.device("cpu"))
     errors = {"config": ConfigError("optim.lr: bad"), "files": FileNotFoundError("no /data/shards"),
-              "samples": pipelines.ShardReadError("train-000001.tar: sample 'v7': frame 3 is not a JPEG")}
+              "samples": pipelines.ShardReadError("train-000001.tar: sample 'v7': frame 3 is not a JPEG"),
+              "loss": NonFiniteLossError("training loss is nan at optimizer step 7")}
     said = set()
     for kind, error in errors.items():
         launch.report_error(error, world)
         err = capsys.readouterr().err
         if err:
             said.add(kind)
-            assert str(error) in err
-            assert (f"(rank {rank})" in err) == (kind != "config")  # rank-specific ones say whose
+            assert f"error (rank {rank}): {error}" in err
     assert said == printed

@@ -329,18 +329,24 @@ def test_logged_losses_are_the_mean_over_ranks_and_a_nan_on_any_rank_stops_every
         trainer._check_finite([torch.tensor(1.0), torch.tensor(2.0)])
 
 
-def test_a_resumed_run_hides_what_the_interrupted_run_logged_after_its_checkpoint(tmp_path):
+def test_a_resumed_run_hides_what_the_interrupted_run_logged_after_its_checkpoint(tmp_path, monkeypatch):
+    import time
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     interrupted = MetricsLogger(tmp_path)
+    interrupted.start_at(1)
     for step in range(1, 11):  # checkpoint at step 5, then steps 6-10 logged before the interruption
         interrupted.log(step, {"train/loss": 1.0})
     interrupted.close()
+    later = time.time() + 60  # event files are read in name order, and their names start with the time
+    monkeypatch.setattr(time, "time", lambda: later)
     resumed = MetricsLogger(tmp_path)
-    resumed.resume_at(6)
+    resumed.start_at(6)
     for step in range(6, 9):
         resumed.log(step, {"train/loss": 2.0})
     resumed.close()
+    assert sorted(os.listdir(tmp_path))[-1].startswith(f"events.out.tfevents.{int(later)}")
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, 1.0) for s in range(1, 6)] + [

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go (model step, data pipeline, shard decode) for one GPU and its share
 # of host cores. JSON results and a log per benchmark go to OUT_DIR.
-#   tools/bench_gpu.sh OUT_DIR [THREADS [STEP ...]]   STEP: model_vitb16 pipeline train shards model_vitl14
+# The GPU-only tests and the demo on the GPU come last: they check the CUDA paths that CI cannot.
+#   tools/bench_gpu.sh OUT_DIR [THREADS [STEP ...]]
+#   STEP: model_vitb16 pipeline train shards model_vitl14 gpu_tests demo
 set -uo pipefail
 out=${1:?usage: tools/bench_gpu.sh OUT_DIR [THREADS [STEP ...]]}
 threads=${2:-$(nproc)}
 shift $(( $# < 2 ? $# : 2 ))
-steps=${*:-model_vitb16 pipeline train shards model_vitl14}
+steps=${*:-model_vitb16 pipeline train shards model_vitl14 gpu_tests demo}
 python=${PYTHON:-python3}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -33,3 +35,12 @@ run_step shards 100 "$python" tools/bench_shards.py --device gpu --threads "$thr
   --seconds 2 --repeats 2 --videos /tmp/bench_work/videos/video000.mp4  # made by the pipeline step
 run_step model_vitl14 200 "$python" tools/bench_model.py --arch ViT-L-14 --batch 32 --segments 8 --device cuda \
   --rounds 2 --steps 5 --warmup 3 --json "$out/model_vitl14.json"
+run_step gpu_tests 300 "$python" -m pytest -p no:cacheprovider -k "cuda or gpu" tests/test_pipelines.py \
+  tests/test_pipelines_augment.py  # RandAugment ops, augmentation and decode on DALI's mixed backend
+demo=/tmp/bench_demo
+run_step demo 300 bash -c "rm -rf $demo && '$python' tools/make_synthetic.py $demo/videos && for split in train val; do
+  '$python' tools/make_shards.py $demo/videos/\$split.txt --root $demo/videos --out $demo/shards --split \$split \
+    --short-side 0 --labels $demo/videos/labels.csv || exit 1; done &&
+  '$python' launch.py --cfg configs/demo.yaml data.shards=$demo/shards output_dir=$demo/run &&
+  '$python' launch.py --cfg configs/demo.yaml data.shards=$demo/shards output_dir=$demo/run --test \
+    --weights $demo/run/best.pt --test-crops 3 --test-clips 2"  # bf16 + compile training, fp32 eval on CUDA

@@ -185,6 +185,7 @@ def openai_state() -> dict[str, torch.Tensor]:
                     "token_embedding.weight": torch.zeros(10, 32), "input_resolution": torch.tensor(32)}
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # OpenAI's files are TorchScript
 @pytest.mark.parametrize("layout", ["torchscript", "state_dict", "open_clip"])
 def test_load_clip_weights(openai_state, layout, tmp_path):
     path = tmp_path / "clip.pt"

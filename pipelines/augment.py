@@ -1,8 +1,8 @@
 """Spatial augmentation, split in two halves.
 
 Parameters (pure numpy, per clip): crop windows are drawn here, in the coordinates of the
-official "scaled" frame (short side 256, or exactly 256x320 for Something-Something), and
-mapped back to the stored frame, so that DALI can crop and resize in ONE resampling
+official "scaled" frame (the source scaled to short side 256, or exactly 256x320 for
+Something-Something), and mapped back to the stored frame, so that DALI can crop and resize in ONE resampling
 (`fn.resize` with a region of interest) instead of the official scale-then-crop pair.
 
 Operators (DALI graph): `crop_resize`, `grayscale`, `rand_augment`, `normalize` work on both

@@ -280,7 +280,7 @@ def _plan_video(plan: EpochPlan, r: int, sample: Sample, spec: ClipSpec, rng: np
     plan.frames[r] = sampling.window(centres, n, spec.frames_per_segment,
                                      wrap_start=spec.wrap_start).reshape(-1)  # (K*T*M,)
     stored = (sample.height, sample.width)
-    scaled = augment.scaled_size(*stored, spec.resize)
+    scaled = augment.scaled_size(sample.source_height, sample.source_width, spec.resize)  # the official frame
     if spec.train:
         for v in range(spec.num_views):
             plan.roi[r, v] = augment.to_stored_roi(augment.random_resized_crop(*scaled, rng), scaled, stored)

@@ -31,10 +31,12 @@ class Sample:
     key: str
     label: int
     num_frames: int
-    height: int
+    height: int  # as stored
     width: int
     layout: str
     ranges: np.ndarray  # (num_frames, 2) [offset, size] per frame (uint32, int64 past 4 GiB); video: (1, 2)
+    source_height: int  # the source's size, whose official scaling the crop windows refer to
+    source_width: int
 
 
 def shard_paths(shards: str | os.PathLike | list, split: str) -> list[str]:
@@ -66,7 +68,9 @@ def read_samples(tars: list[str]) -> list[Sample]:
                 ranges = ranges.astype(np.uint32)
             samples.append(Sample(tar=str(entry.tar), key=entry.key, label=entry.label,
                                   num_frames=entry.num_frames, height=entry.height, width=entry.width,
-                                  layout=entry.layout, ranges=ranges))
+                                  layout=entry.layout, ranges=ranges,
+                                  source_height=entry.source_height or entry.height,
+                                  source_width=entry.source_width or entry.width))
     if not samples:
         raise ValueError(f"no samples in shards {tars[:3]}{'...' if len(tars) > 3 else ''}")
     layouts = {s.layout for s in samples}

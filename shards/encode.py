@@ -112,9 +112,14 @@ def target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(2, 2 * round(width * short_side / height / 2)), short_side
 
 
-def _meta(source: Source, layout: str, num_frames: int, fps: float, width: int, height: int) -> dict[str, Any]:
-    return {"key": source.key, "label": source.label, "num_frames": num_frames, "fps": fps, "width": width,
-            "height": height, "source": source.path, "layout": layout}
+def _meta(source: Source, layout: str, num_frames: int, fps: float, size: tuple[int, int],
+          source_size: tuple[int, int]) -> dict[str, Any]:
+    """A sample's JSON: stored (width, height) and the source's, from which the pipelines compute the
+    official scaled frame (a resized frame rounds its long side to even: 640x360 is stored 456x256,
+    the official scale of the source gives 455x256)."""
+    return {"key": source.key, "label": source.label, "num_frames": num_frames, "fps": fps, "width": size[0],
+            "height": size[1], "source_width": source_size[0], "source_height": source_size[1],
+            "source": source.path, "layout": layout}
 
 
 def _open_video(path: Path) -> av.container.InputContainer:
@@ -188,16 +193,17 @@ def _encode_frames(source: Source, frames: Iterator[av.VideoFrame], rate: Fracti
     first = next(frames, None)
     if first is None:
         raise _Reject("empty: no video frames decode")
-    width, height = target_size(first.width, first.height, options.short_side)
+    original = first.width, first.height
+    width, height = target_size(*original, options.short_side)
     stream = itertools.chain([first], frames)
     if options.layout == "video":
         video, count = _encode_vp9(stream, width, height, rate, options)
         _verify_video(video, count, width, height)
-        return EncodedSample(_meta(source, "video", count, float(rate), width, height), video=video)
+        return EncodedSample(_meta(source, "video", count, float(rate), (width, height), original), video=video)
     jpegs = [_encode_jpeg(f.reformat(width, height, "rgb24", interpolation=RESIZE_INTERPOLATION).to_image(),
                           options.quality) for f in stream]
     _verify_jpegs(jpegs, width, height)
-    return EncodedSample(_meta(source, "frames", len(jpegs), float(rate), width, height), frames=jpegs)
+    return EncodedSample(_meta(source, "frames", len(jpegs), float(rate), (width, height), original), frames=jpegs)
 
 
 def _encode_vp9(frames: Iterator[av.VideoFrame], width: int, height: int, rate: Fraction,
@@ -286,5 +292,5 @@ def _encode_folder(source: Source, folder: Path, options: EncodeOptions) -> Enco
             raise _Reject(f"undecodable: frame {path} is {image.size[0]}x{image.size[1]}, "
                           f"frame 1 is {size[0]}x{size[1]}")
         jpegs.append(data if data.startswith(JPEG_MAGIC) else _encode_jpeg(image, options.quality))
-    meta = _meta(source, "frames", len(jpegs), float(rate), size[0], size[1])
+    meta = _meta(source, "frames", len(jpegs), float(rate), size, size)
     return EncodedSample(meta, frames=jpegs)

@@ -89,11 +89,15 @@ class IndexEntry:
     layout: str
     video: tuple[int, int] | None = None
     frames: list[tuple[int, int]] | None = None
+    source_width: int | None = None  # the decoded source's size; None (older shards): as stored
+    source_height: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The stored form; `tar` is kept once per index, not per entry."""
         entry = {"key": self.key, "label": self.label, "num_frames": self.num_frames, "fps": self.fps,
                  "width": self.width, "height": self.height, "layout": self.layout}
+        if self.source_width is not None:
+            entry["source_width"], entry["source_height"] = self.source_width, self.source_height
         if self.layout == "video":
             entry["video"] = list(self.video)
         else:
@@ -206,9 +210,12 @@ def _entry(tar: Path, e: Any, at: str) -> IndexEntry:
         if len(raw) != num_frames:
             raise ShardFormatError(f"{at}: {len(raw)} frame ranges for num_frames={num_frames}")
         frames = [_range(r, f"{at}.frames[{i}]") for i, r in enumerate(raw)]
+    source = {}
+    if "source_width" in e or "source_height" in e:  # written since 2026-11-26; older indexes lack them
+        source = {key: _get(e, key, int, at) for key in ("source_width", "source_height")}
     return IndexEntry(tar=tar, key=_get(e, "key", str, at), label=_get(e, "label", int, at), num_frames=num_frames,
                       fps=float(_get(e, "fps", (int, float), at)), width=_get(e, "width", int, at),
-                      height=_get(e, "height", int, at), layout=layout, video=video, frames=frames)
+                      height=_get(e, "height", int, at), layout=layout, video=video, frames=frames, **source)
 
 
 def read_index(path: str | os.PathLike) -> list[IndexEntry]:

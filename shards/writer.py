@@ -69,7 +69,9 @@ class ShardWriter:
             frames = [self._add(fmt.frame_member(key, i), data) for i, data in enumerate(sample.frames)]
         self.entries.append(IndexEntry(tar=self.tar_path, key=key, label=meta["label"],
                                        num_frames=meta["num_frames"], fps=meta["fps"], width=meta["width"],
-                                       height=meta["height"], layout=meta["layout"], video=video, frames=frames))
+                                       height=meta["height"], layout=meta["layout"], video=video, frames=frames,
+                                       source_width=meta.get("source_width"),
+                                       source_height=meta.get("source_height")))
 
     def close(self, build: dict[str, Any]) -> ShardRecord:
         """Finish the tar, rename it into place, then write the index; returns the manifest record."""

@@ -77,6 +77,8 @@ def _encoded(video: dict, layout: str) -> EncodedSample:
     height, width = frames[0].shape[:2]
     meta = {"key": key, "label": video["label"], "num_frames": len(frames), "fps": 25.0, "width": width,
             "height": height, "source": f"{key}.mp4", "layout": layout}
+    if "source_size" in video:  # (width, height) of the video the frames were resized from
+        meta["source_width"], meta["source_height"] = video["source_size"]
     if layout == "frames":
         return EncodedSample(meta=meta, frames=[jpeg(image) for image in frames])
     return EncodedSample(meta=meta, video=webm(frames))

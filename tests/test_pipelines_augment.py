@@ -82,6 +82,22 @@ def test_three_crops_are_left_right_centre(gradient_shards):
     assert left < centre < right
 
 
+def test_crop_windows_follow_the_official_scaling_of_the_source_not_the_stored_size(tmp_path):
+    """640x360 is stored 456x256 (long side rounded to even); the official code scales the source to 455x256
+    (torchvision's rule) and crops there: the windows, mapped onto the stored frame, must be those."""
+    stored = np.zeros((256, 456, 3), np.uint8)
+    write_shards(tmp_path, "test", [{"key": "wide", "label": 0, "frames": [stored] * 4, "source_size": (640, 360)},
+                                    {"key": "old", "label": 0, "frames": [stored] * 4}])  # an index without it
+    data = pipelines.loader(tmp_path, "test", 2, num_segments=1, test_crops=3, num_threads=1)
+    official = augment.test_crops(256, 455, 224, 3)  # left, right, centre of the 455x256 official frame
+    assert [x for _, x, _ in official] == [0, 228, 114]
+    roi = data.plan(0).roi  # (R, O, 4) [y0, x0, y1, x1] in stored pixels
+    sx = 456 / 455
+    np.testing.assert_allclose(roi[0, :, 1], [x * sx for _, x, _ in official], rtol=1e-6)
+    np.testing.assert_allclose(roi[0, :, 3] - roi[0, :, 1], 224 * sx, rtol=1e-6)
+    np.testing.assert_allclose(roi[1, :, 1], [0, 232, 116])  # without a source size: the stored frame is the scaled one
+
+
 def test_ten_crops_alternate_plain_and_mirrored(gradient_shards):
     batch = next(iter(pipelines.loader(gradient_shards, "test", 1, num_segments=1, test_crops=10,
                                        num_threads=1, **SIZE)))

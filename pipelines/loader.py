@@ -1,6 +1,9 @@
 """`pipelines.loader(...)`: batches of clips from shards, on the training device, one epoch per iteration."""
 
+import contextlib
 import os
+import signal
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +257,8 @@ class Loader:
                                   **options)
         else:
             pipe = eval_pipeline(source, **options)
-        pipe.build()  # starts the reader processes (py_workers), which ignore Ctrl-C (ClipSource.__setstate__)
+        with ctrl_c_held() if self.py_workers else contextlib.nullcontext():
+            pipe.build()  # starts the reader processes (py_workers)
         return pipe
 
     def _assemble(self, outputs, plan: EpochPlan, batch_index: int) -> dict:
@@ -293,6 +297,24 @@ class Loader:
         if self.on_error == "raise":
             raise next(iter(bad.values())) from error
         self._skipped_ids.update(bad)
+
+
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Block Ctrl-C (SIGINT) in this thread meanwhile; one that arrives is not lost: it is delivered as
+    KeyboardInterrupt when the block lifts (or at once through another thread that does not block it).
+
+    Processes started meanwhile (DALI's reader processes) inherit the block through fork and exec and
+    keep it for life, so a Ctrl-C, which a terminal sends to every process of the group, never
+    interrupts them, not even while they start: the main process alone stops, and shuts them down
+    (each would otherwise print a traceback).
+    """
+    resource_tracker.ensure_running()  # multiprocessing unblocks SIGINT when it starts this helper process
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _default_threads() -> int:

@@ -24,8 +24,6 @@ in worker processes.
 """
 
 import os
-import signal
-import threading
 
 import numpy as np
 
@@ -115,13 +113,6 @@ class ClipSource:
 
     def __getstate__(self):  # the buffer does not travel
         return {**self.__dict__, "_buffer": np.empty(0, np.uint8)}
-
-    def __setstate__(self, state):
-        # Unpickled only in DALI's reader processes (py_workers), in their main thread: leave Ctrl-C
-        # to the main process, which shuts them down, rather than print a traceback from each.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.__dict__.update(state)
 
     def _params(self, plan, rows: slice) -> list[np.ndarray]:
         """Per view: roi_start (B, 2), roi_end (B, 2), mirror (B,), [gray (B,)], [RandAugment draws (B, 3, n)]."""

@@ -470,6 +470,10 @@ def test_ctrl_c_stops_the_main_process_only_even_while_reader_processes_start(fr
     first = next(iter(data))
     readers = multiprocessing.active_children()
     assert len(readers) == 2
+    for reader in readers:  # they block SIGINT from their first instruction on: inherited, not set once started
+        blocked = int(Path(f"/proc/{reader.pid}/status").read_text().split("SigBlk:")[1].split()[0], 16)
+        assert blocked & (1 << (signal.SIGINT - 1))
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # the main process's is lifted
     for reader in readers:  # a terminal's Ctrl-C reaches the whole process group
         os.kill(reader.pid, signal.SIGINT)
     time.sleep(0.5)

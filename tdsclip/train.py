@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -325,6 +325,21 @@ def build_mixup(*, num_classes: int, mixup_alpha: float, cutmix_alpha: float, sw
 # --- evaluation ------------------------------------------------------------------------------
 
 
+def video_probabilities(model: nn.Module, loader: Iterable, *, views: int, num_classes: int,
+                        device: torch.device, precision: str = "fp32") -> Iterator[tuple]:
+    """Per batch: (keys, probs (B, classes), labels (B,), valid (B,)) of its B videos, the softmax averaged
+    over each video's `views` adjacent views (multi-view test); valid is False on padding."""
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            with autocast_context(device, precision):
+                logits = model(batch["clips"])  # (B*V, classes)
+            probs = logits.float().softmax(-1).view(-1, views, num_classes).mean(1)  # (B, classes)
+            labels = batch["label"].view(-1, views)[:, 0]
+            valid = batch["valid"].view(-1, views)[:, 0] if "valid" in batch else torch.ones_like(labels, dtype=torch.bool)
+            yield batch["key"][::views], probs, torch.where(valid, labels, 0), valid  # padding: any label
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, views: int, num_classes: int, device: torch.device,
              precision: str = "fp32", keep_predictions: bool = False) -> dict[str, Any]:
@@ -332,18 +347,12 @@ def evaluate(model: nn.Module, loader: Iterable, *, views: int, num_classes: int
 
     Batches hold `views` adjacent views per video and an optional `valid` mask marking padding.
     """
-    model.eval()
     correct1 = torch.zeros(num_classes, device=device)
     correct5 = torch.zeros(num_classes, device=device)
     count = torch.zeros(num_classes, device=device)
     predictions = []
-    for batch in loader:
-        with autocast_context(device, precision):
-            logits = model(batch["clips"])  # (B*V, classes)
-        probs = logits.float().softmax(-1).view(-1, views, num_classes).mean(1)  # (B, classes)
-        labels = batch["label"].view(-1, views)[:, 0]
-        valid = batch["valid"].view(-1, views)[:, 0] if "valid" in batch else torch.ones_like(labels, dtype=torch.bool)
-        labels = torch.where(valid, labels, 0)  # padding views may carry any label
+    for keys, probs, labels, valid in video_probabilities(model, loader, views=views, num_classes=num_classes,
+                                                          device=device, precision=precision):
         top5 = probs.topk(min(5, num_classes), dim=-1).indices  # (B, 5)
         hit1 = (top5[:, 0] == labels) & valid
         hit5 = (top5 == labels[:, None]).any(-1) & valid
@@ -351,7 +360,6 @@ def evaluate(model: nn.Module, loader: Iterable, *, views: int, num_classes: int
         correct5.index_add_(0, labels, hit5.float())
         count.index_add_(0, labels, valid.float())
         if keep_predictions:
-            keys = batch["key"][::views]
             for key, label, top, ok in zip(keys, labels.tolist(), top5.tolist(), valid.tolist()):
                 if ok:
                     predictions.append({"key": key, "label": label, "top5": top})

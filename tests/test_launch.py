@@ -307,6 +307,44 @@ def test_torchrun_two_processes_gloo(shards, tmp_path):
     assert again.returncode != 0 and again.stderr.count("last.pt exists: pass --resume") == 1  # said once
 
 
+def test_predict_tool_scores_videos_as_the_test_mode_does(shards, tmp_path, capsys):
+    from shards.sources import read_list
+    from shards.synthetic import indexed_frames, write_frame_folder
+    from tools import predict
+
+    videos = shards.parent / "videos"
+    config = ["--cfg", str(ROOT / "configs/demo.yaml"), *[f"--override={o}" for o in
+              overrides(shards, tmp_path / "unused", "data.test_split=val", "data.eval_batch_size=2")]]
+    (tmp_path / "broken.mp4").write_text("not a video")
+    folder = tmp_path / "frames"
+    write_frame_folder(folder, indexed_frames(6, 24, 24))
+    sources = read_list(videos / "val.txt")
+    inputs = [str(videos / s.path) for s in sources]
+    code = predict.main([*inputs, str(tmp_path / "broken.mp4"), str(folder), *config, "--weights", str(GOLDEN),
+                         "--short-side", "0", "--test-crops", "3", "--test-clips", "2", "--top", "3",
+                         "--json", str(tmp_path / "p.json")])
+    out, err = capsys.readouterr()
+    assert code == 0 and "broken.mp4: undecodable" in err
+    predicted = json.loads((tmp_path / "p.json").read_text())["predictions"]
+    assert [p["input"] for p in predicted] == [*inputs, str(folder)]  # the broken one named and left out
+    for p in predicted:  # three classes each, most probable first
+        probabilities = [t["probability"] for t in p["top"]]
+        assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1 + 1e-6
+
+    run_dir = tmp_path / "test"
+    args = ["--cfg", str(ROOT / "configs/demo.yaml"), "--test", "--weights", str(GOLDEN), "--test-crops", "3",
+            "--test-clips", "2", *overrides(shards, run_dir, "data.test_split=val", "data.eval_batch_size=2")]
+    assert launch.main(args) == 0
+    tested = {p["key"]: p["top5"][:3] for p in json.loads((run_dir / "test_results.json").read_text())["predictions"]}
+    assert [[t["class"] for t in p["top"]] for p in predicted[:-1]] == [tested[s.key] for s in sources]
+    assert predict.main([inputs[0], *config, "--weights", str(tmp_path / "missing.pt")]) == 1
+    assert "missing.pt: weights file not found" in capsys.readouterr().err
+    (tmp_path / "labels.csv").write_text("id,name\n0,a\n1,b\n")
+    assert predict.main([inputs[0], *config, "--weights", str(GOLDEN), "--classes", str(tmp_path / "labels.csv")]) == 1
+    assert "labels.csv: 2 classes, but the weights have 5" in capsys.readouterr().err
+
+
 def test_multiview_test_on_official_checkpoint(shards, tmp_path, capsys):
     official = tdsclip.load_model(GOLDEN, num_segments=2)
     run_dir = tmp_path / "test"

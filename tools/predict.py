@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Recognize the actions in your videos with trained TDS-CLIP weights: the top classes of each video.
+
+    python tools/predict.py clip1.mp4 clip2.webm frames_folder/ --cfg configs/k400/vitb16.yaml \
+        --weights runs/k400_vitb16/best.pt --classes lists/kinetics_400_labels.csv --test-crops 3 --test-clips 4
+
+The inputs (video files, or folders of frames named by --image-tmpl) are packed into a temporary test
+shard as tools/make_shards.py packs them, read by the multi-view test pipeline of `launch.py --test`
+with the config's data settings (sampling, resize, eval.test_crops x eval.test_clips views) and scored
+with the softmax averaged over each video's views, as the official test does. Class names come from
+--classes, else from the config's training shards (data.shards), else they are the class numbers.
+Inputs that cannot be decoded are named with the reason; the others are still scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pipelines  # noqa: E402
+from shards.atomic import atomic_write_text  # noqa: E402
+from shards.build import build_split  # noqa: E402
+from shards.encode import EncodeOptions  # noqa: E402
+from shards.manifest import ShardFormatError, read_manifest  # noqa: E402
+from shards.sources import IMAGE_TMPL, ListFormatError, Source, make_key, read_labels  # noqa: E402
+from tdsclip.build import loader_options  # noqa: E402
+from tdsclip.config import ConfigError, RunConfig, load_config  # noqa: E402
+from tdsclip.distributed import World  # noqa: E402
+from tdsclip.train import video_probabilities  # noqa: E402
+from tdsclip.weights import CheckpointError, load_model  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", type=Path, help="video files, or folders of frames")
+    p.add_argument("--cfg", required=True, help="the YAML config the weights were trained with (its data settings)")
+    p.add_argument("--weights", required=True, help="this project's checkpoint or an official TDS-CLIP one")
+    p.add_argument("--classes", type=Path, help="an 'id,name' labels CSV (default: the classes of data.shards)")
+    p.add_argument("--test-crops", type=int, help="spatial crops per video: 1, 3, 5 or 10 (default: eval.test_crops)")
+    p.add_argument("--test-clips", type=int, help="temporal clips per video (default: eval.test_clips)")
+    p.add_argument("--top", type=int, default=5, help="classes shown per video (default: %(default)s)")
+    p.add_argument("--short-side", type=int, default=EncodeOptions.short_side,
+                   help="pack videos at this short side, as make_shards (0 keeps the size; default %(default)s)")
+    p.add_argument("--image-tmpl", default=IMAGE_TMPL,
+                   help="frame file names in frame folders, numbered from 1 (default: %(default)s)")
+    p.add_argument("--json", type=Path, help="also write the predictions here")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override, e.g. data.resize=256 (repeatable)")
+    args = p.parse_args(argv)
+    if args.top < 1:
+        p.error("--top must be >= 1")
+    for flag in ("test_crops", "test_clips"):  # validated with the config, like launch.py's
+        if getattr(args, flag) is not None:
+            args.override.append(f"eval.{flag}={getattr(args, flag)}")
+    return args
+
+
+def input_sources(inputs: list[Path], image_tmpl: str) -> list[Source]:
+    """One Source per input, its path relative to / (the shard writer joins it to a root): a video file,
+    or a folder of frames counted from 1 while `image_tmpl` names an existing file."""
+    sources, used = [], set()
+    for path in inputs:
+        path = path.resolve()
+        if path.is_dir():
+            count = 0
+            while (path / image_tmpl.format(count + 1)).is_file():
+                count += 1
+            if count == 0:
+                raise FileNotFoundError(f"{path}: no frame {image_tmpl.format(1)} in this folder; check --image-tmpl")
+        elif path.is_file():
+            count = None
+        else:
+            raise FileNotFoundError(f"{path}: no such video file or frame folder")
+        relative = os.path.relpath(path, "/")
+        sources.append(Source(key=make_key(relative, used, strip_extension=count is None), path=relative, label=0,
+                              num_frames=count))
+    return sources
+
+
+def class_names(config: RunConfig, labels: list[str] | None, labels_csv: Path | None, num_classes: int) -> list[str]:
+    """Names for the model's classes: the labels CSV's, else the training shards', else the numbers."""
+    if labels is not None:
+        if len(labels) != num_classes:
+            raise ListFormatError(f"{labels_csv}: {len(labels)} classes, but the weights have {num_classes}")
+        return labels
+    if Path(config.data.shards).is_dir():
+        try:
+            names = read_manifest(config.data.shards, config.data.train_split, check_files=False).classes
+        except (FileNotFoundError, ShardFormatError):
+            names = []
+        if len(names) == num_classes:
+            return names
+    return [str(i) for i in range(num_classes)]
+
+
+def predict(config: RunConfig, weights: str, sources: list[Source], encode: EncodeOptions, workdir: Path,
+            world: World) -> tuple[dict, list]:
+    """({key: class probabilities (numpy)}, rejections) for `sources`, packed into `workdir` with `encode`."""
+    manifest = build_split(sources, "/", workdir, ["unknown"], encode, split="test",
+                           workers=max(1, min(len(sources), os.cpu_count() or 1)))
+    if not manifest.num_samples:
+        return {}, manifest.rejected
+    model = load_model(weights, num_segments=config.model.num_segments).to(world.device)
+    net = model.config
+    loader = pipelines.loader(workdir, "test", config.data.eval_batch_size, net.num_segments,
+                              **loader_options(config, world, net), test_crops=config.eval.test_crops,
+                              test_clips=config.eval.test_clips)
+    probabilities = {}
+    for keys, probs, _, valid in video_probabilities(model, loader, views=loader.views, num_classes=net.num_classes,
+                                                     device=world.device, precision=config.eval.precision):
+        for key, row, ok in zip(keys, probs.cpu().numpy(), valid.tolist()):
+            if ok:
+                probabilities[key] = row
+    loader.close()
+    return probabilities, manifest.rejected
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        encode = EncodeOptions(short_side=args.short_side, image_tmpl=args.image_tmpl)
+        config = load_config(args.cfg, args.override)
+        sources = input_sources(args.inputs, args.image_tmpl)
+        labels = read_labels(args.classes) if args.classes else None  # checked before the work
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if not Path(args.weights).is_file():  # before packing, which may take a while
+        print(f"error: {args.weights}: weights file not found", file=sys.stderr)
+        return 1
+    world = World(rank=0, world_size=1, local_rank=0,
+                  device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="tdsclip_predict_") as workdir:
+            probabilities, rejected = predict(config, args.weights, sources, encode, Path(workdir), world)
+        num_classes = len(next(iter(probabilities.values()))) if probabilities else 0
+        names = class_names(config, labels, args.classes, num_classes) if probabilities else []
+    except (FileNotFoundError, CheckpointError, ShardFormatError, ListFormatError, pipelines.ShardReadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for rejection in rejected:
+        print(f"skipped /{rejection.source}: {rejection.reason}", file=sys.stderr)
+    results = []
+    for path, source in zip(args.inputs, sources):
+        if source.key not in probabilities:
+            continue
+        probs = probabilities[source.key]
+        top = probs.argsort()[::-1][:args.top]
+        results.append({"input": str(path), "top": [{"class": int(c), "name": names[c], "probability": float(probs[c])}
+                                                  for c in top]})
+        print(f"{path}")
+        for rank, entry in enumerate(results[-1]["top"], 1):
+            print(f"  {rank}. {entry['name']}  {100 * entry['probability']:.1f}%")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"weights": str(args.weights), "test_crops": config.eval.test_crops,
+                                                 "test_clips": config.eval.test_clips, "predictions": results},
+                                                indent=2))
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

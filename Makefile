@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(PY) tools/make_shards.py $(DEMO_DIR)/videos/val.txt --root $(DEMO_DIR)/videos --out $(DEMO_DIR)/shards --split val --short-side 0 --labels $(DEMO_DIR)/videos/labels.csv
 	$(PY) launch.py --cfg configs/demo.yaml output_dir=$(DEMO_RUN)
 	$(PY) launch.py --cfg configs/demo.yaml output_dir=$(DEMO_RUN) --test --weights $(DEMO_RUN)/best.pt --test-crops 3 --test-clips 2
+	$(PY) tools/predict.py $(DEMO_DIR)/videos/videos/val/000000.mp4 $(DEMO_DIR)/videos/videos/val/000001.mp4 --cfg configs/demo.yaml --weights $(DEMO_RUN)/best.pt --short-side 0 --top 2
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/runs"
 
 clean:

@@ -20,7 +20,7 @@ import torch
 import pipelines
 import tdsclip
 from shards.manifest import ShardFormatError
-from tdsclip.build import build_test, build_trainer, check_pipeline_options
+from tdsclip.build import build_test, build_trainer, check_pipeline_options, test_view_note
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_diff, config_to_dict, load_config, save_config
 from tdsclip.distributed import World, all_ranks_keys, close_distributed, init_distributed
@@ -113,6 +113,8 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
 
 
 def test(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
+    if note := test_view_note(config):
+        log.info(note)
     model, loader = build_test(config, world, args.weights, log)
     crops, clips = config.eval.test_crops, config.eval.test_clips
     result = evaluate(model, loader, views=loader.views, num_classes=model.config.num_classes,

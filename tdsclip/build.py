@@ -77,6 +77,16 @@ def build_test_loader(config: RunConfig, world: World, model_config: ModelConfig
     return loader
 
 
+def test_view_note(config: RunConfig) -> str | None:
+    """A note when the test views include mirror images (10 crops, as the official test) for classes that
+    mirroring changes (data.flip not 'plain': e.g. left/right motion in Something-Something)."""
+    if config.eval.test_crops == 10 and config.data.flip != "plain":
+        return (f"note: eval.test_crops=10 adds the mirror image of each crop, as the official test does, but "
+                f"data.flip is {config.data.flip!r}: mirroring changes these classes (left <-> right); "
+                f"1, 3 and 5 crops do not mirror")
+    return None
+
+
 def check_pipeline_options(config: RunConfig) -> None:
     """Options that only the pipelines can parse, checked before anything is built."""
     if config.data.randaugment:

@@ -320,13 +320,18 @@ def test_predict_tool_scores_videos_as_the_test_mode_does(shards, tmp_path, caps
     write_frame_folder(folder, indexed_frames(6, 24, 24))
     sources = read_list(videos / "val.txt")
     inputs = [str(videos / s.path) for s in sources]
-    code = predict.main([*inputs, str(tmp_path / "broken.mp4"), str(folder), *config, "--weights", str(GOLDEN),
-                         "--short-side", "0", "--test-crops", "3", "--test-clips", "2", "--top", "3",
-                         "--json", str(tmp_path / "p.json")])
+    code = predict.main([*inputs, str(tmp_path / "broken.mp4"), str(tmp_path / "missing.mp4"), str(folder), *config,
+                         "--weights", str(GOLDEN), "--short-side", "0", "--test-crops", "3", "--test-clips", "2",
+                         "--top", "3", "--json", str(tmp_path / "out" / "p.json")])
     out, err = capsys.readouterr()
-    assert code == 0 and "broken.mp4: undecodable" in err
-    predicted = json.loads((tmp_path / "p.json").read_text())["predictions"]
-    assert [p["input"] for p in predicted] == [*inputs, str(folder)]  # the broken one named and left out
+    assert code == 1  # some inputs were skipped: named, and the others scored
+    assert f"skipped {tmp_path / 'broken.mp4'}: undecodable" in err
+    assert f"skipped {tmp_path / 'missing.mp4'}: no such video file or frame folder" in err
+    written = json.loads((tmp_path / "out" / "p.json").read_text())
+    predicted = written["predictions"]
+    assert [p["input"] for p in predicted] == [*inputs, str(folder)]
+    assert [s["input"] for s in written["skipped"]] == [str(tmp_path / "missing.mp4"), str(tmp_path / "broken.mp4")]
+    assert out.splitlines()[0] == inputs[0]  # stdout holds the results only
     for p in predicted:  # three classes each, most probable first
         probabilities = [t["probability"] for t in p["top"]]
         assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
@@ -338,11 +343,16 @@ def test_predict_tool_scores_videos_as_the_test_mode_does(shards, tmp_path, caps
     assert launch.main(args) == 0
     tested = {p["key"]: p["top5"][:3] for p in json.loads((run_dir / "test_results.json").read_text())["predictions"]}
     assert [[t["class"] for t in p["top"]] for p in predicted[:-1]] == [tested[s.key] for s in sources]
-    assert predict.main([inputs[0], *config, "--weights", str(tmp_path / "missing.pt")]) == 1
+    assert predict.main([inputs[0], *config, "--weights", str(tmp_path / "missing.pt")]) == 2  # before any work
     assert "missing.pt: weights file not found" in capsys.readouterr().err
+    assert predict.main([inputs[0], *config, "--weights", str(GOLDEN), "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
     (tmp_path / "labels.csv").write_text("id,name\n0,a\n1,b\n")
-    assert predict.main([inputs[0], *config, "--weights", str(GOLDEN), "--classes", str(tmp_path / "labels.csv")]) == 1
-    assert "labels.csv: 2 classes, but the weights have 5" in capsys.readouterr().err
+    assert predict.main([inputs[0], *config, "--weights", str(GOLDEN), "--classes", str(tmp_path / "labels.csv"),
+                         "--test-crops", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "labels.csv: 2 classes, but the weights have 5" in err
+    assert "eval.test_crops=10 adds the mirror image of each crop" in err  # data.flip is 'none' here
 
 
 def test_multiview_test_on_official_checkpoint(shards, tmp_path, capsys):

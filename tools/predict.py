@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +31,7 @@ from shards.build import build_split  # noqa: E402
 from shards.encode import EncodeOptions  # noqa: E402
 from shards.manifest import ShardFormatError, read_manifest  # noqa: E402
 from shards.sources import IMAGE_TMPL, ListFormatError, Source, make_key, read_labels  # noqa: E402
-from tdsclip.build import loader_options  # noqa: E402
+from tdsclip.build import loader_options, test_view_note  # noqa: E402
 from tdsclip.config import ConfigError, RunConfig, load_config  # noqa: E402
 from tdsclip.distributed import World  # noqa: E402
 from tdsclip.train import video_probabilities  # noqa: E402
@@ -39,7 +40,7 @@ from tdsclip.weights import CheckpointError, load_model  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", type=Path, help="video files, or folders of frames")
+    p.add_argument("inputs", nargs="+", help="video files, or folders of frames")
     p.add_argument("--cfg", required=True, help="the YAML config the weights were trained with (its data settings)")
     p.add_argument("--weights", required=True, help="this project's checkpoint or an official TDS-CLIP one")
     p.add_argument("--classes", type=Path, help="an 'id,name' labels CSV (default: the classes of data.shards)")
@@ -62,26 +63,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def input_sources(inputs: list[Path], image_tmpl: str) -> list[Source]:
-    """One Source per input, its path relative to / (the shard writer joins it to a root): a video file,
-    or a folder of frames counted from 1 while `image_tmpl` names an existing file."""
-    sources, used = [], set()
-    for path in inputs:
-        path = path.resolve()
+def input_sources(inputs: list[str], image_tmpl: str) -> tuple[list[tuple[str, Source]], list[tuple[str, str]]]:
+    """(input, Source) for each usable input, the path relative to / (the shard writer joins it to a root):
+    a video file, or a folder of frames counted from 1 while `image_tmpl` names a file; and (input,
+    reason) for the others."""
+    sources, missing, used = [], [], set()
+    for name in inputs:
+        path = Path(name).resolve()
+        count = None
         if path.is_dir():
-            count = 0
-            while (path / image_tmpl.format(count + 1)).is_file():
-                count += 1
-            if count == 0:
-                raise FileNotFoundError(f"{path}: no frame {image_tmpl.format(1)} in this folder; check --image-tmpl")
-        elif path.is_file():
-            count = None
-        else:
-            raise FileNotFoundError(f"{path}: no such video file or frame folder")
+            while (path / image_tmpl.format((count or 0) + 1)).is_file():
+                count = (count or 0) + 1
+            if count is None:
+                missing.append((name, f"no frame {image_tmpl.format(1)} in this folder (frames: check "
+                                      f"--image-tmpl; videos: give the files, not their folder)"))
+                continue
+            if (path / image_tmpl.format(count + 2)).is_file():
+                missing.append((name, f"frame {image_tmpl.format(count + 1)} is missing, later frames exist"))
+                continue
+        elif not path.is_file():
+            missing.append((name, "no such video file or frame folder"))
+            continue
         relative = os.path.relpath(path, "/")
-        sources.append(Source(key=make_key(relative, used, strip_extension=count is None), path=relative, label=0,
-                              num_frames=count))
-    return sources
+        sources.append((name, Source(key=make_key(relative, used, strip_extension=count is None), path=relative,
+                                     label=0, num_frames=count)))
+    return sources, missing
 
 
 def class_names(config: RunConfig, labels: list[str] | None, labels_csv: Path | None, num_classes: int) -> list[str]:
@@ -90,21 +96,25 @@ def class_names(config: RunConfig, labels: list[str] | None, labels_csv: Path | 
         if len(labels) != num_classes:
             raise ListFormatError(f"{labels_csv}: {len(labels)} classes, but the weights have {num_classes}")
         return labels
+    names = []
     if Path(config.data.shards).is_dir():
         try:
             names = read_manifest(config.data.shards, config.data.train_split, check_files=False).classes
         except (FileNotFoundError, ShardFormatError):
-            names = []
-        if len(names) == num_classes:
-            return names
+            pass
+    if len(names) == num_classes:
+        return names
+    print(f"note: class numbers shown: no --classes, and data.shards ({Path(config.data.shards).resolve()}) "
+          f"names {len(names) or 'no'} classes for the weights' {num_classes}", file=sys.stderr)
     return [str(i) for i in range(num_classes)]
 
 
 def predict(config: RunConfig, weights: str, sources: list[Source], encode: EncodeOptions, workdir: Path,
             world: World) -> tuple[dict, list]:
     """({key: class probabilities (numpy)}, rejections) for `sources`, packed into `workdir` with `encode`."""
-    manifest = build_split(sources, "/", workdir, ["unknown"], encode, split="test",
-                           workers=max(1, min(len(sources), os.cpu_count() or 1)))
+    # Worker processes each import torch and DALI (~3 s): worth it only for many inputs.
+    workers = max(1, min(os.cpu_count() or 1, len(sources) // 16))
+    manifest = build_split(sources, "/", workdir, ["unknown"], encode, split="test", workers=workers)
     if not manifest.num_samples:
         return {}, manifest.rejected
     model = load_model(weights, num_segments=config.model.num_segments).to(world.device)
@@ -122,50 +132,68 @@ def predict(config: RunConfig, weights: str, sources: list[Source], encode: Enco
     return probabilities, manifest.rejected
 
 
+def check_output(path: Path) -> None:
+    """Refuse an output path that cannot be written before any work is done."""
+    if path.is_dir():
+        raise ValueError(f"--json {path}: is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"--json {path}: cannot write in {path.parent}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         encode = EncodeOptions(short_side=args.short_side, image_tmpl=args.image_tmpl)
         config = load_config(args.cfg, args.override)
-        sources = input_sources(args.inputs, args.image_tmpl)
-        labels = read_labels(args.classes) if args.classes else None  # checked before the work
-    except (ConfigError, ValueError) as error:
+        labels = read_labels(args.classes) if args.classes else None
+        if not Path(args.weights).is_file():
+            raise FileNotFoundError(f"{args.weights}: weights file not found")
+        if args.json:
+            check_output(args.json)
+    except (ConfigError, ValueError, OSError) as error:  # all checked before the work
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if not Path(args.weights).is_file():  # before packing, which may take a while
-        print(f"error: {args.weights}: weights file not found", file=sys.stderr)
-        return 1
+    if note := test_view_note(config):
+        print(note, file=sys.stderr)
+    usable, skipped = input_sources(args.inputs, args.image_tmpl)
+    sources = [source for _, source in usable]
     world = World(rank=0, world_size=1, local_rank=0,
                   device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the temporary shard is removed
     try:
         with tempfile.TemporaryDirectory(prefix="tdsclip_predict_") as workdir:
-            probabilities, rejected = predict(config, args.weights, sources, encode, Path(workdir), world)
+            probabilities, rejected = predict(config, args.weights, sources, encode, Path(workdir), world) \
+                if sources else ({}, [])
         num_classes = len(next(iter(probabilities.values()))) if probabilities else 0
         names = class_names(config, labels, args.classes, num_classes) if probabilities else []
     except (FileNotFoundError, CheckpointError, ShardFormatError, ListFormatError, pipelines.ShardReadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    for rejection in rejected:
-        print(f"skipped /{rejection.source}: {rejection.reason}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    by_path = {source.path: name for name, source in usable}
+    skipped += [(by_path[r.source], r.reason) for r in rejected]
+    for name, reason in skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
     results = []
-    for path, source in zip(args.inputs, sources):
+    for name, source in usable:
         if source.key not in probabilities:
             continue
         probs = probabilities[source.key]
         top = probs.argsort()[::-1][:args.top]
-        results.append({"input": str(path), "top": [{"class": int(c), "name": names[c], "probability": float(probs[c])}
-                                                  for c in top]})
-        print(f"{path}")
+        results.append({"input": name, "top": [{"class": int(c), "name": names[c], "probability": float(probs[c])}
+                                               for c in top]})
+        print(name)
         for rank, entry in enumerate(results[-1]["top"], 1):
             print(f"  {rank}. {entry['name']}  {100 * entry['probability']:.1f}%")
     if args.json:
         atomic_write_text(args.json, json.dumps({"weights": str(args.weights), "test_crops": config.eval.test_crops,
-                                                 "test_clips": config.eval.test_clips, "predictions": results},
+                                                 "test_clips": config.eval.test_clips, "predictions": results,
+                                                 "skipped": [{"input": n, "reason": r} for n, r in skipped]},
                                                 indent=2))
-    return 0 if results else 1
+    return 0 if results and not skipped else 1
 
 
 if __name__ == "__main__":

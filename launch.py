@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.cfg, args.overrides)
         check_pipeline_options(config)
     except ConfigError as error:
-        if int(os.environ.get("RANK", 0)) == 0:  # every rank reads the same config: say it once
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the ranks of a node read the same config: say it once
             print(f"config error: {error}", file=sys.stderr)
         return 2
     world = init_distributed()

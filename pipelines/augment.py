@@ -220,7 +220,9 @@ def _tabled_augmentation_class():
     from nvidia.dali.pipeline import do_not_convert
 
     class TabledAugmentation(_Augmentation):
-        _map_mags_to_params = do_not_convert(_Augmentation._map_mags_to_params)
+        @do_not_convert
+        def _map_mags_to_params(self, magnitudes):
+            return super()._map_mags_to_params(magnitudes)
 
     return TabledAugmentation
 

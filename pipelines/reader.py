@@ -69,8 +69,8 @@ def read_samples(tars: list[str]) -> list[Sample]:
             samples.append(Sample(tar=str(entry.tar), key=entry.key, label=entry.label,
                                   num_frames=entry.num_frames, height=entry.height, width=entry.width,
                                   layout=entry.layout, ranges=ranges,
-                                  source_height=entry.source_height or entry.height,
-                                  source_width=entry.source_width or entry.width))
+                                  source_height=entry.height if entry.source_height is None else entry.source_height,
+                                  source_width=entry.width if entry.source_width is None else entry.source_width))
     if not samples:
         raise ValueError(f"no samples in shards {tars[:3]}{'...' if len(tars) > 3 else ''}")
     layouts = {s.layout for s in samples}

@@ -213,6 +213,8 @@ def _entry(tar: Path, e: Any, at: str) -> IndexEntry:
     source = {}
     if "source_width" in e or "source_height" in e:  # written since 2026-11-26; older indexes lack them
         source = {key: _get(e, key, int, at) for key in ("source_width", "source_height")}
+        if min(source.values()) < 1:
+            raise ShardFormatError(f"{at}: source_width and source_height must be >= 1, got {source}")
     return IndexEntry(tar=tar, key=_get(e, "key", str, at), label=_get(e, "label", int, at), num_frames=num_frames,
                       fps=float(_get(e, "fps", (int, float), at)), width=_get(e, "width", int, at),
                       height=_get(e, "height", int, at), layout=layout, video=video, frames=frames, **source)

@@ -325,19 +325,19 @@ def build_mixup(*, num_classes: int, mixup_alpha: float, cutmix_alpha: float, sw
 # --- evaluation ------------------------------------------------------------------------------
 
 
+@torch.no_grad()  # on a generator: grad mode is restored at each yield, so callers keep theirs
 def video_probabilities(model: nn.Module, loader: Iterable, *, views: int, num_classes: int,
                         device: torch.device, precision: str = "fp32") -> Iterator[tuple]:
     """Per batch: (keys, probs (B, classes), labels (B,), valid (B,)) of its B videos, the softmax averaged
     over each video's `views` adjacent views (multi-view test); valid is False on padding."""
     model.eval()
-    with torch.no_grad():
-        for batch in loader:
-            with autocast_context(device, precision):
-                logits = model(batch["clips"])  # (B*V, classes)
-            probs = logits.float().softmax(-1).view(-1, views, num_classes).mean(1)  # (B, classes)
-            labels = batch["label"].view(-1, views)[:, 0]
-            valid = batch["valid"].view(-1, views)[:, 0] if "valid" in batch else torch.ones_like(labels, dtype=torch.bool)
-            yield batch["key"][::views], probs, torch.where(valid, labels, 0), valid  # padding: any label
+    for batch in loader:
+        with autocast_context(device, precision):
+            logits = model(batch["clips"])  # (B*V, classes)
+        probs = logits.float().softmax(-1).view(-1, views, num_classes).mean(1)  # (B, classes)
+        labels = batch["label"].view(-1, views)[:, 0]
+        valid = batch["valid"].view(-1, views)[:, 0] if "valid" in batch else torch.ones_like(labels, dtype=torch.bool)
+        yield batch["key"][::views], probs, torch.where(valid, labels, 0), valid  # padding: any label
 
 
 @torch.no_grad()

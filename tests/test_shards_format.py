@@ -168,6 +168,8 @@ def test_read_manifest_missing_says_what_to_do(tmp_path):
     (lambda e: e.update(frames=[[1024, 5], [-1, 5]]), r"frames\[1\]"),
     (lambda e: e.update(num_frames=0), "num_frames must be >= 1"),
     (lambda e: e.pop("label"), "missing key 'label'"),
+    (lambda e: e.update(source_width=640), "missing key 'source_height'"),
+    (lambda e: e.update(source_width=0, source_height=360), "source_width and source_height must be >= 1"),
 ])
 def test_read_index_errors(tmp_path, edit, message):
     _write_shard(tmp_path)

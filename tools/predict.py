@@ -15,6 +15,7 @@ Inputs that cannot be decoded are named with the reason; the others are still sc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ from shards.build import build_split  # noqa: E402
 from shards.encode import EncodeOptions  # noqa: E402
 from shards.manifest import ShardFormatError, read_manifest  # noqa: E402
 from shards.sources import IMAGE_TMPL, ListFormatError, Source, make_key, read_labels  # noqa: E402
-from tdsclip.build import loader_options, test_view_note  # noqa: E402
+from tdsclip.build import build_test_loader, test_view_note  # noqa: E402
 from tdsclip.config import ConfigError, RunConfig, load_config  # noqa: E402
 from tdsclip.distributed import World  # noqa: E402
 from tdsclip.train import video_probabilities  # noqa: E402
@@ -39,6 +40,7 @@ from tdsclip.weights import CheckpointError, load_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; --test-crops/--test-clips become eval.* overrides, validated with the config."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="video files, or folders of frames")
     p.add_argument("--cfg", required=True, help="the YAML config the weights were trained with (its data settings)")
@@ -72,13 +74,14 @@ def input_sources(inputs: list[str], image_tmpl: str) -> tuple[list[tuple[str, S
         path = Path(name).resolve()
         count = None
         if path.is_dir():
-            while (path / image_tmpl.format((count or 0) + 1)).is_file():
+            files = set(os.listdir(path))
+            while image_tmpl.format((count or 0) + 1) in files:
                 count = (count or 0) + 1
             if count is None:
                 missing.append((name, f"no frame {image_tmpl.format(1)} in this folder (frames: check "
                                       f"--image-tmpl; videos: give the files, not their folder)"))
                 continue
-            if (path / image_tmpl.format(count + 2)).is_file():
+            if any(image_tmpl.format(i) in files for i in range(count + 2, len(files) + 2)):
                 missing.append((name, f"frame {image_tmpl.format(count + 1)} is missing, later frames exist"))
                 continue
         elif not path.is_file():
@@ -109,27 +112,31 @@ def class_names(config: RunConfig, labels: list[str] | None, labels_csv: Path | 
     return [str(i) for i in range(num_classes)]
 
 
-def predict(config: RunConfig, weights: str, sources: list[Source], encode: EncodeOptions, workdir: Path,
-            world: World) -> tuple[dict, list]:
-    """({key: class probabilities (numpy)}, rejections) for `sources`, packed into `workdir` with `encode`."""
+def predict(model: torch.nn.Module, config: RunConfig, sources: list[Source], encode: EncodeOptions, workdir: Path,
+            world: World) -> tuple[dict, dict]:
+    """({key: class probabilities (numpy)}, {source path: why it was not scored}) for `sources`, packed into
+    `workdir` with `encode` and read by the test pipeline of `launch.py --test`."""
     # Worker processes each import torch and DALI (~3 s): worth it only for many inputs.
     workers = max(1, min(os.cpu_count() or 1, len(sources) // 16))
     manifest = build_split(sources, "/", workdir, ["unknown"], encode, split="test", workers=workers)
+    failed = {rejection.source: rejection.reason for rejection in manifest.rejected}
     if not manifest.num_samples:
-        return {}, manifest.rejected
-    model = load_model(weights, num_segments=config.model.num_segments).to(world.device)
-    net = model.config
-    loader = pipelines.loader(workdir, "test", config.data.eval_batch_size, net.num_segments,
-                              **loader_options(config, world, net), test_crops=config.eval.test_crops,
-                              test_clips=config.eval.test_clips)
+        return {}, failed
+    data = dataclasses.replace(config.data, shards=str(workdir), test_split="test", on_error="skip")
+    loader = build_test_loader(dataclasses.replace(config, data=data), world, model.config, "the weights")
     probabilities = {}
-    for keys, probs, _, valid in video_probabilities(model, loader, views=loader.views, num_classes=net.num_classes,
-                                                     device=world.device, precision=config.eval.precision):
-        for key, row, ok in zip(keys, probs.cpu().numpy(), valid.tolist()):
-            if ok:
-                probabilities[key] = row
-    loader.close()
-    return probabilities, manifest.rejected
+    try:
+        for keys, probs, _, valid in video_probabilities(model, loader, views=loader.views,
+                                                         num_classes=model.config.num_classes, device=world.device,
+                                                         precision=config.eval.precision):
+            for key, row, ok in zip(keys, probs.cpu().numpy(), valid.tolist()):
+                if ok:
+                    probabilities[key] = row
+        unreadable = {entry.rsplit(":", 1)[1] for entry in loader.skipped}  # "tar:key"
+    finally:
+        loader.close()
+    failed.update({source.path: "unreadable: a frame did not decode" for source in sources if source.key in unreadable})
+    return probabilities, failed
 
 
 def check_output(path: Path) -> None:
@@ -142,44 +149,41 @@ def check_output(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Score the inputs; exit 0 when every one was scored, 1 when some were not, 2 for bad options."""
     args = parse_args(argv)
-    try:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:  # everything that can be checked before the work
         encode = EncodeOptions(short_side=args.short_side, image_tmpl=args.image_tmpl)
         config = load_config(args.cfg, args.override)
+        model = load_model(args.weights, num_segments=config.model.num_segments).to(device)
         labels = read_labels(args.classes) if args.classes else None
-        if not Path(args.weights).is_file():
-            raise FileNotFoundError(f"{args.weights}: weights file not found")
+        names = class_names(config, labels, args.classes, model.config.num_classes)
         if args.json:
             check_output(args.json)
-    except (ConfigError, ValueError, OSError) as error:  # all checked before the work
+    except (ConfigError, ValueError, OSError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if note := test_view_note(config):
         print(note, file=sys.stderr)
     usable, skipped = input_sources(args.inputs, args.image_tmpl)
-    sources = [source for _, source in usable]
-    world = World(rank=0, world_size=1, local_rank=0,
-                  device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the temporary shard is removed
+    world = World(rank=0, world_size=1, local_rank=0, device=device)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the temporary shard goes
     try:
         with tempfile.TemporaryDirectory(prefix="tdsclip_predict_") as workdir:
-            probabilities, rejected = predict(config, args.weights, sources, encode, Path(workdir), world) \
-                if sources else ({}, [])
-        num_classes = len(next(iter(probabilities.values()))) if probabilities else 0
-        names = class_names(config, labels, args.classes, num_classes) if probabilities else []
-    except (FileNotFoundError, CheckpointError, ShardFormatError, ListFormatError, pipelines.ShardReadError) as error:
+            probabilities, failed = predict(model, config, [source for _, source in usable], encode, Path(workdir),
+                                            world) if usable else ({}, {})
+    except (FileNotFoundError, ShardFormatError, pipelines.ShardReadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    by_path = {source.path: name for name, source in usable}
-    skipped += [(by_path[r.source], r.reason) for r in rejected]
-    for name, reason in skipped:
-        print(f"skipped {name}: {reason}", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     results = []
     for name, source in usable:
         if source.key not in probabilities:
+            skipped.append((name, failed.get(source.path, "not scored")))
             continue
         probs = probabilities[source.key]
         top = probs.argsort()[::-1][:args.top]
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         print(name)
         for rank, entry in enumerate(results[-1]["top"], 1):
             print(f"  {rank}. {entry['name']}  {100 * entry['probability']:.1f}%")
+    for name, reason in skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
     if args.json:
         atomic_write_text(args.json, json.dumps({"weights": str(args.weights), "test_crops": config.eval.test_crops,
                                                  "test_clips": config.eval.test_clips, "predictions": results,

@@ -15,6 +15,7 @@ Inputs that cannot be decoded are named with the reason; the others are still sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,8 +23,11 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pipelines  # noqa: E402
@@ -113,18 +117,26 @@ def class_names(config: RunConfig, labels: list[str] | None, labels_csv: Path | 
 
 
 def predict(model: torch.nn.Module, config: RunConfig, sources: list[Source], encode: EncodeOptions, workdir: Path,
-            world: World) -> tuple[dict, dict]:
+            world: World, progress: Progress | None = None) -> tuple[dict, dict]:
     """({key: class probabilities (numpy)}, {source path: why it was not scored}) for `sources`, packed into
-    `workdir` with `encode` and read by the test pipeline of `launch.py --test`."""
+    `workdir` with `encode` and read by the test pipeline of `launch.py --test`; `progress` shows both."""
     # Worker processes each import torch and DALI (~3 s): worth it only for many inputs.
     workers = max(1, min(os.cpu_count() or 1, len(sources) // 16))
-    manifest = build_split(sources, "/", workdir, ["unknown"], encode, split="test", workers=workers)
+    def ticker(description: str, total: int) -> Callable[..., None]:
+        if progress is None:
+            return lambda *_: None
+        task = progress.add_task(description, total=total)
+        return lambda *_: progress.advance(task)
+
+    manifest = build_split(sources, "/", workdir, ["unknown"], encode, split="test", workers=workers,
+                           on_result=ticker("packing", len(sources)))
     failed = {rejection.source: rejection.reason for rejection in manifest.rejected}
     if not manifest.num_samples:
         return {}, failed
     data = dataclasses.replace(config.data, shards=str(workdir), test_split="test", on_error="skip")
     loader = build_test_loader(dataclasses.replace(config, data=data), world, model.config, "the weights")
     probabilities = {}
+    scored = ticker("scoring", len(loader))
     try:
         for keys, probs, _, valid in video_probabilities(model, loader, views=loader.views,
                                                          num_classes=model.config.num_classes, device=world.device,
@@ -132,11 +144,23 @@ def predict(model: torch.nn.Module, config: RunConfig, sources: list[Source], en
             for key, row, ok in zip(keys, probs.cpu().numpy(), valid.tolist()):
                 if ok:
                     probabilities[key] = row
+            scored()
         unreadable = {entry.rsplit(":", 1)[1] for entry in loader.skipped}  # "tar:key"
     finally:
         loader.close()
     failed.update({source.path: "unreadable: a frame did not decode" for source in sources if source.key in unreadable})
     return probabilities, failed
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Progress | None]:
+    """A progress bar on stderr when it is a terminal (stdout keeps the results only), else None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        yield progress
 
 
 def check_output(path: Path) -> None:
@@ -169,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     world = World(rank=0, world_size=1, local_rank=0, device=device)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the temporary shard goes
     try:
-        with tempfile.TemporaryDirectory(prefix="tdsclip_predict_") as workdir:
+        with tempfile.TemporaryDirectory(prefix="tdsclip_predict_") as workdir, progress_bar() as progress:
             probabilities, failed = predict(model, config, [source for _, source in usable], encode, Path(workdir),
-                                            world) if usable else ({}, {})
+                                            world, progress) if usable else ({}, {})
     except (FileNotFoundError, ShardFormatError, pipelines.ShardReadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

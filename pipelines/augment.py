@@ -256,9 +256,9 @@ def rand_augment(images, draws, n: int, frame_size):
     """RandAugment with the ops and magnitudes drawn in numpy per clip (plan.ra), nvidia.dali.auto_aug ops.
 
     `draws` is a (3, n) int32 input per sample: op index, magnitude bin, negate, per level;
-    `frame_size` the (H, W) of the sample's frames (an int32 input). The source
-    repeats a clip's draws for each of its frames, so all frames get the same operations; each level
-    is a DALI conditional, so every op runs once on the frames that chose it.
+    `frame_size` the (H, W) of the sample's frames (an int32 input). The source repeats a clip's
+    draws for each of its frames, so all frames get the same operations; each level is a DALI
+    conditional, so every op runs once on the frames that chose it.
     """
     from nvidia.dali.auto_aug.core import select, signed_bin
 

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 import pipelines
 from pipelines.augment import parse_randaugment
 from pipelines.reader import shard_paths
-from shards.manifest import read_manifest
+from shards.manifest import ShardFormatError, read_manifest
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.config import ConfigError, RunConfig, config_to_dict
 from tdsclip.distributed import World
@@ -96,14 +96,24 @@ def check_pipeline_options(config: RunConfig) -> None:
             raise ConfigError(f"data.randaugment: {error}") from None
 
 
+def train_classes(config: RunConfig) -> list[str] | None:
+    """The class names of the training manifest (data.shards, data.train_split), or None where there is
+    none to read (tar paths, or a directory without that manifest)."""
+    if not Path(config.data.shards).is_dir():
+        return None
+    try:
+        return read_manifest(config.data.shards, config.data.train_split, check_files=False).classes
+    except (FileNotFoundError, ShardFormatError):
+        return None
+
+
 def warn_on_class_count(config: RunConfig, num_classes: int, log: MetricsLogger) -> None:
     """Say so when the training shards name another number of classes than the model has (e.g. a
     fine-tune that kept the pretrained model.num_classes): labels fit, but the head is oversized."""
-    if Path(config.data.shards).is_dir():
-        classes = read_manifest(config.data.shards, config.data.train_split, check_files=False).classes
-        if len(classes) != num_classes:
-            log.info(f"warning: the {config.data.train_split!r} shards name {len(classes)} classes and the model "
-                     f"has {num_classes} (model.num_classes); set it to {len(classes)} unless that is intended")
+    classes = train_classes(config)
+    if classes is not None and len(classes) != num_classes:
+        log.info(f"warning: the {config.data.train_split!r} shards name {len(classes)} classes and the model "
+                 f"has {num_classes} (model.num_classes); set it to {len(classes)} unless that is intended")
 
 
 def check_labels(loader, num_classes: int, what: str, remedy: str) -> None:

@@ -34,9 +34,9 @@ import pipelines  # noqa: E402
 from shards.atomic import atomic_write_text  # noqa: E402
 from shards.build import build_split  # noqa: E402
 from shards.encode import EncodeOptions  # noqa: E402
-from shards.manifest import ShardFormatError, read_manifest  # noqa: E402
+from shards.manifest import ShardFormatError  # noqa: E402
 from shards.sources import IMAGE_TMPL, ListFormatError, Source, make_key, read_labels  # noqa: E402
-from tdsclip.build import build_test_loader, test_view_note  # noqa: E402
+from tdsclip.build import build_test_loader, test_view_note, train_classes  # noqa: E402
 from tdsclip.config import ConfigError, RunConfig, load_config  # noqa: E402
 from tdsclip.distributed import World  # noqa: E402
 from tdsclip.train import video_probabilities  # noqa: E402
@@ -103,12 +103,7 @@ def class_names(config: RunConfig, labels: list[str] | None, labels_csv: Path | 
         if len(labels) != num_classes:
             raise ListFormatError(f"{labels_csv}: {len(labels)} classes, but the weights have {num_classes}")
         return labels
-    names = []
-    if Path(config.data.shards).is_dir():
-        try:
-            names = read_manifest(config.data.shards, config.data.train_split, check_files=False).classes
-        except (FileNotFoundError, ShardFormatError):
-            pass
+    names = train_classes(config) or []
     if len(names) == num_classes:
         return names
     print(f"note: class numbers shown: no --classes, and data.shards ({Path(config.data.shards).resolve()}) "

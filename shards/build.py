@@ -107,7 +107,7 @@ def build_split(sources: list[Source], root: str | os.PathLike, out: str | os.Pa
     digest = fingerprint(sources, options, split, shard_size, seed)
     resume = _finished_shards(out, split, digest)
     for temp in [*out.glob(f"{split}-*{fmt.TEMP_SUFFIX}"), *out.glob(f".{split}[.-]*.tmp*")]:
-        temp.unlink()  # left by an interrupted run: a tar, or an index or manifest (shards.atomic)
+        temp.unlink()  # left by an interrupted run: a tar, or an index or manifest (atomicfile)
     records, rejected = list(resume.records), list(resume.rejected)
     if on_start is not None:
         on_start(resume.position)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import format as fmt
-from shards.atomic import atomic_write_text
+from atomicfile import atomic_write_text
 
 
 class ShardFormatError(ValueError):
@@ -106,7 +106,7 @@ class IndexEntry:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write compact JSON atomically (shards.atomic): readers see all or nothing."""
+    """Write compact JSON atomically (atomicfile): readers see all or nothing."""
     atomic_write_text(path, json.dumps(obj, separators=(",", ":")))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import format as fmt
-from shards.atomic import sync_directory
+from atomicfile import sync_directory
 from shards.encode import EncodedSample
 from shards.manifest import IndexEntry, ShardRecord, write_json_atomic
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.atomic import atomic_copy
+from atomicfile import atomic_copy
 from tdsclip.weights import FORMAT, CheckpointError, atomic_save, read_checkpoint_file
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from shards.atomic import atomic_write_text
+from atomicfile import atomic_write_text
 from tdsclip.model import ModelConfig
 
 

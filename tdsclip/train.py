@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.atomic import atomic_write_text
+from atomicfile import atomic_write_text
 from tdsclip.checkpoint import Checkpointer, rng_state, set_rng_state
 from tdsclip.config import ConfigError
 from tdsclip.distributed import World, all_gather_objects, all_ranks_keys, all_reduce_sum

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from shards.atomic import atomic_write
+from atomicfile import atomic_write
 from tdsclip.model import HEAD_WIDTH, TDSCLIP, ModelConfig, build_model
 
 FORMAT = "tdsclip"
@@ -255,7 +255,7 @@ def model_checkpoint(model: TDSCLIP) -> dict:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save `obj` to `path` atomically (shards.atomic): never a truncated checkpoint."""
+    """torch.save `obj` to `path` atomically (atomicfile): never a truncated checkpoint."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

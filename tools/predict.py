@@ -31,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pipelines  # noqa: E402
-from shards.atomic import atomic_write_text  # noqa: E402
+from atomicfile import atomic_write_text  # noqa: E402
 from shards.build import build_split  # noqa: E402
 from shards.encode import EncodeOptions  # noqa: E402
 from shards.manifest import ShardFormatError  # noqa: E402

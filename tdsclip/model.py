@@ -231,13 +231,17 @@ class SideStem(nn.Module):
 
 
 class BackboneTap(nn.Module):
-    """Projects one backbone block's tokens to the side width."""
+    """Projects one backbone block's tokens to the side width.
+
+    ``proj`` keeps PyTorch's default Linear init, U(-1/sqrt(width), 1/sqrt(width)), as the official
+    visual ``side_linears`` do: the official N(0, (2 side_dim)^-1/2) re-init in
+    ``CLIP.initialize_parameters`` reaches only the text transformer's taps (``self.transformer``).
+    """
 
     def __init__(self, width: int, side_dim: int):
         super().__init__()
         self.norm = SideLayerNorm(width)
         self.proj = nn.Linear(width, side_dim)
-        nn.init.normal_(self.proj.weight, std=(2 * side_dim) ** -0.5)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(tokens))

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import tdsclip
-from tdsclip.model import ChannelNorm, SideLayerNorm, TDGate, TemporalConv, shift_class_token
+from tdsclip.model import (BackboneTap, ChannelNorm, SideLayerNorm, SideNetwork, TDGate, TemporalConv,
+                           shift_class_token)
 from tdsclip.weights import our_name_to_official
 
 GOLDEN_CASES = sorted(p for p in (Path(__file__).parent / "data").glob("golden_*") if (p / "io.pt").is_file())
@@ -116,9 +117,27 @@ def test_official_side_init():
     block, d = model.side.blocks[0], config.side_dim
     for weight, std in [(block.mlp.fc1.weight, (2 * d) ** -0.5), (block.mlp.fc2.weight, d**-0.5 * 24**-0.5),
                         (block.cross_attn.qkv.weight, d**-0.5), (block.cross_attn.proj.weight, d**-0.5 * 24**-0.5),
-                        (model.side.taps[0].proj.weight, (2 * d) ** -0.5), (model.side.pos_embed, 0.01)]:
+                        (model.side.pos_embed, 0.01)]:
         assert weight.std().item() == pytest.approx(std, rel=0.1)
     assert block.cross_attn.qkv.bias.abs().max() == 0 and model.head.norm.weight.min() == 1
+
+
+@pytest.mark.parametrize("arch, side_dim", [("ViT-B-16", 320), ("ViT-L-14", 512)])
+def test_backbone_taps_keep_the_default_linear_init(arch, side_dim):
+    """Official visual side_linears: PyTorch's default Linear init, U(+-1/sqrt(width)), std 0.0208 (B/16),
+    0.0180 (L/14); the N(0, (2 side_dim)^-1/2) re-init (0.0395, 0.0313) is the text transformer's only."""
+    config = tdsclip.ModelConfig(arch=arch, side_dim=side_dim)
+    torch.manual_seed(0)
+    # the taps alone, at the real widths: a whole L/14 side network takes ~1 s to build
+    taps = SideNetwork(config).taps if arch == "ViT-B-16" else [BackboneTap(config.width, side_dim) for _ in range(3)]
+    bound = config.width**-0.5
+    for tap in taps:
+        weight, bias = tap.proj.weight, tap.proj.bias
+        assert weight.shape == (side_dim, config.width)
+        assert weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.02)
+        assert weight.abs().max() <= bound and bias.abs().max() <= bound  # uniform, not normal
+        assert weight.abs().max() > 0.99 * bound
+        assert tap.norm.weight.min() == 1 and tap.norm.bias.abs().max() == 0
 
 
 def test_shift_class_token():

@@ -25,13 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines import sampling  # noqa: E402
-from shards.build import build_split  # noqa: E402
-from shards.encode import EncodeOptions  # noqa: E402
-from shards.manifest import IndexEntry, read_frames, read_index, read_video  # noqa: E402
-from shards.sources import Source  # noqa: E402
+from pipelines import sampling
+from shards.build import build_split
+from shards.encode import EncodeOptions
+from shards.manifest import IndexEntry, read_frames, read_index, read_video
+from shards.sources import Source
 
 NUM_SEGMENTS, FRAMES_PER_SEGMENT, CROP = 8, sampling.FRAMES_PER_SEGMENT, 224
 

@@ -22,13 +22,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shards import format as fmt  # noqa: E402
-from shards.build import BuildError, build_split  # noqa: E402
-from shards.encode import EncodedSample, EncodeOptions  # noqa: E402
-from shards.manifest import Manifest  # noqa: E402
-from shards.sources import ListFormatError, class_names, read_labels, read_list  # noqa: E402
+from shards import format as fmt
+from shards.build import BuildError, build_split
+from shards.encode import EncodedSample, EncodeOptions
+from shards.manifest import Manifest
+from shards.sources import ListFormatError, class_names, read_labels, read_list
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and each option's default unless its help already says it."""

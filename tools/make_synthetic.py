@@ -14,10 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from shards.sources import IMAGE_TMPL, check_image_tmpl  # noqa: E402
-from shards.synthetic import MotionSpec, make_motion_dataset  # noqa: E402
+from shards.sources import IMAGE_TMPL, check_image_tmpl
+from shards.synthetic import MotionSpec, make_motion_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,132 +1,25 @@
-"""Spatial augmentation, split in two halves.
+"""Spatial augmentation: the DALI operators.
 
-Parameters (pure numpy, per clip): crop windows are drawn here, in the coordinates of the
-official "scaled" frame (the source scaled to short side 256, or exactly 256x320 for
-Something-Something), and mapped back to the stored frame, so that DALI can crop and resize in ONE resampling
-(`fn.resize` with a region of interest) instead of the official scale-then-crop pair.
-
-Operators (DALI graph): `crop_resize`, `grayscale`, `rand_augment`, `normalize` work on both
-single frames (HWC) and clips (FHWC); one set of parameters is shared by every frame of a clip.
+`crop_resize`, `grayscale`, `rand_augment`, `normalize` work on both single frames (HWC) and clips
+(FHWC); one set of parameters, drawn per clip in numpy (pipelines/params.py, through the epoch
+plan), is shared by every frame of a clip. Crops and resizes are one resampling (`fn.resize` with a
+region of interest) instead of the official scale-then-crop pair.
 """
 
 import functools
-import math
-import re
 
 import numpy as np
 from nvidia.dali import fn, types
 
+# tdsclip/build.py imports parse_randaugment from here until it takes pipelines.config's
+from pipelines.config import parse_randaugment  # noqa: F401
+from pipelines.params import (RA_NUM_BINS, RA_OPS, RA_TRANSLATE, posterize_mask,
+                              solarize_add_shift)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SSV2_FLIP_LABELS = {86: 87, 87: 86, 93: 94, 94: 93, 166: 167, 167: 166}
-TEST_CROPS = (1, 3, 5, 10)
 
 
-# ---------------------------------------------------------------- parameters (numpy)
-def scaled_size(height: int, width: int, resize: int | tuple[int, int]) -> tuple[int, int]:
-    """(H, W) of the official scaled frame: short side `resize` (torchvision rule), or exactly (H, W)."""
-    if not isinstance(resize, int):
-        return int(resize[0]), int(resize[1])
-    if height <= width:
-        return resize, int(resize * width / height)
-    return int(resize * height / width), resize
-
-
-def random_resized_crop(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """Official GroupRandomSizedCrop window (y, x, h, w) in a (height, width) frame.
-
-    Area 0.08-1, aspect 3/4-4/3, h and w swapped with p=0.5, 10 attempts; the fallback is a
-    square of the short side at a random position (scale to the output size, then random crop).
-    """
-    area = height * width
-    for _ in range(10):
-        target_area = rng.uniform(0.08, 1.0) * area
-        aspect = rng.uniform(3 / 4, 4 / 3)
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if rng.random() < 0.5:
-            w, h = h, w
-        if w <= width and h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    side = min(height, width)
-    return int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1)), side, side
-
-
-def test_crops(height: int, width: int, size: int, num_crops: int) -> list[tuple[int, int, bool]]:
-    """Official test crops (y, x, mirror) of a size x size window, in their official order.
-
-    1: centre. 3: left, right, centre (GroupFullResSample). 5: the four corners then the centre
-    (GroupOverSample). 10: those five, each followed by its mirror image.
-    """
-    if num_crops not in TEST_CROPS:
-        raise ValueError(f"test_crops must be one of {TEST_CROPS}, got {num_crops}")
-    if num_crops == 1:
-        return [(int(round((height - size) / 2)), int(round((width - size) / 2)), False)]
-    w_step, h_step = (width - size) // 4, (height - size) // 4
-    if num_crops == 3:
-        xy = [(0, 2 * h_step), (4 * w_step, 2 * h_step), (2 * w_step, 2 * h_step)]
-    else:
-        xy = [(0, 0), (4 * w_step, 0), (0, 4 * h_step), (4 * w_step, 4 * h_step), (2 * w_step, 2 * h_step)]
-    mirrors = (False, True) if num_crops == 10 else (False,)
-    return [(y, x, m) for x, y in xy for m in mirrors]
-
-
-def to_stored_roi(window: tuple[int, int, int, int], scaled: tuple[int, int], stored: tuple[int, int]) -> np.ndarray:
-    """Map a (y, x, h, w) window of the scaled frame to a stored-frame ROI [y0, x0, y1, x1] (float32)."""
-    sy, sx = stored[0] / scaled[0], stored[1] / scaled[1]
-    y, x, h, w = window
-    return np.array([y * sy, x * sx, (y + h) * sy, (x + w) * sx], dtype=np.float32)
-
-
-def parse_randaugment(spec: str) -> tuple[int, int, float]:
-    """Parse a timm-style "rand-m7-n4[-mstd0.5][-inc1]" into (n, m, mstd), m on timm's 0-10 scale.
-
-    Magnitudes always increase with m (timm's "inc1", the official setting; DALI's monotonic suite).
-    """
-    form = "a form like 'rand-m7-n4-mstd0.5'"
-    parts = spec.split("-")
-    if parts[0] != "rand":
-        raise ValueError(f"randaugment must have {form}, got {spec!r}")
-    n, m, mstd = 2, 10, 0.0
-    for part in parts[1:]:
-        match = re.fullmatch(r"([a-z]+)(\d+(?:\.\d*)?)", part)
-        if match is None:
-            raise ValueError(f"randaugment {spec!r}: part {part!r} is not a name and a number ({form})")
-        key, value = match.groups()
-        if key in ("m", "n", "inc") and not value.isdigit():
-            raise ValueError(f"randaugment {spec!r}: {key} takes an integer, got {value!r}")
-        if key == "m":
-            m = int(value)
-        elif key == "n":
-            n = int(value)
-        elif key == "mstd":
-            mstd = float(value)
-        elif key == "inc":
-            if value != "1":
-                raise ValueError(f"randaugment {spec!r}: only increasing magnitudes (inc1) are supported")
-        else:
-            raise ValueError(f"randaugment {spec!r}: unknown part {part!r} (valid: m, n, mstd, inc)")
-    if not 0 <= m <= 10:
-        raise ValueError(f"randaugment {spec!r}: magnitude m must be in 0..10")
-    if n < 1 or not 0 <= mstd < math.inf:
-        raise ValueError(f"randaugment {spec!r}: n must be >= 1 and mstd finite and >= 0")
-    return n, m, mstd
-
-
-# RandAugment operations: timm's increasing set (the official "inc1"), in timm's order, as
-# nvidia.dali.auto_aug operations, indexed by the op numbers that plan.py draws per clip; "identity"
-# (last, never drawn) stands for an op that was drawn but not applied. Magnitudes 0-10 in steps of
-# 1/RA_BINS_PER_UNIT.
-RA_OPS = ("auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
-          "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y", "identity")
-RA_IDENTITY = RA_OPS.index("identity")
-RA_NUM_DRAWN = RA_IDENTITY  # timm's 15
-RA_TRANSLATE = 0.45  # timm's translate_pct: the largest shift, as a share of the frame size
-RA_BINS_PER_UNIT = 10
-RA_NUM_BINS = 10 * RA_BINS_PER_UNIT + 1
-
-
-# ---------------------------------------------------------------- DALI operators
 def crop_resize(images, roi_start, roi_end, size: int, interp):
     """Crop the ROI and resize it to size x size in one resampling (antialiased when shrinking)."""
     return fn.resize(images, size=[size, size], roi_start=roi_start, roi_end=roi_end,
@@ -192,20 +85,6 @@ def _without_deprecated_ops(sharpness, equalize) -> tuple:
             augmentation(_equalize, name=equalize.name))
 
 
-def posterize_bits(magnitude_bin: int) -> int:
-    """Bits timm's increasing posterize ("inc1", the official setting) keeps at a magnitude bin:
-    4 - int(level / 10 * 4), level = bin / RA_BINS_PER_UNIT; 2 bits at m=7 (DALI's own keeps 5)."""
-    return 4 - (int(magnitude_bin) * 4) // (RA_NUM_BINS - 1)
-
-
-def _posterize_mask(magnitude_bin) -> np.ndarray:
-    return np.uint8((0xFF << (8 - posterize_bits(magnitude_bin))) & 0xFF)  # keep the top bits
-
-
-def _solarize_add_shift(magnitude_bin) -> np.ndarray:
-    return np.uint8(int(magnitude_bin) * 110 // (RA_NUM_BINS - 1))  # timm: int(level / 10 * 110)
-
-
 @functools.cache
 def _tabled_augmentation_class():
     """nvidia.dali.auto_aug's operation class, building its magnitude -> parameter table unconverted.
@@ -239,9 +118,9 @@ def _rand_augment_suite() -> list:
     # Integer magnitudes: the mappings get the bin numbers themselves (exact, unlike float bins).
     bins = np.arange(RA_NUM_BINS)
     by_name["posterize"] = ops.posterize.augmentation(mag_range=bins, randomly_negate=False,
-                                                      mag_to_param=_posterize_mask)
+                                                      mag_to_param=posterize_mask)
     by_name["solarize_add"] = ops.solarize_add.augmentation(mag_range=bins, randomly_negate=False,
-                                                            mag_to_param=_solarize_add_shift)
+                                                            mag_to_param=solarize_add_shift)
     missing = [name for name in RA_OPS if name not in by_name]
     if missing:  # the op numbers in plans must mean the same operations
         raise RuntimeError(f"DALI's RandAugment suite has no {missing}; it has {sorted(by_name)}")

@@ -1,4 +1,5 @@
-"""`pipelines.loader(...)`: batches of clips from shards, on the training device, one epoch per iteration."""
+"""`Loader`: batches of clips from shards, on the training device, one epoch per iteration (built from a
+DataConfig by pipelines.build_loader, or from tar paths and a ClipSpec here)."""
 
 import contextlib
 import os
@@ -11,13 +12,12 @@ import torch
 from einops import rearrange
 from nvidia.dali import types
 
-from pipelines import augment
+from pipelines.config import ON_ERROR
 from pipelines.pipeline import eval_pipeline, train_pipeline
 from pipelines.plan import ClipSpec, EpochPlan, Planner
-from pipelines.reader import ShardFiles, ShardReadError, SharedRanges, check_sample, read_samples, shard_paths
+from pipelines.reader import ShardFiles, ShardReadError, SharedRanges, check_sample, read_samples
 from pipelines.source import ClipSource
 
-ON_ERROR = ("raise", "skip")
 # Reader processes on CUDA (py_workers=None). One process feeds well over 400 clips/s on a 2-core
 # CPU (docs/benchmarks.md, "Host-side feed"): 4 give the target a wide margin, overlap reads that
 # miss the page cache, and keep the training loop's thread free. They share the byte-range index
@@ -25,73 +25,15 @@ ON_ERROR = ("raise", "skip")
 GPU_PY_WORKERS = 4
 
 
-def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_segments: int = 8, *,
-           frames_per_segment: int = 5, rank: int = 0, world_size: int = 1, seed: int = 0,
-           device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-           sampling: str = "something", wrap_start: bool = False, image_size: int = 224,
-           resize: int | tuple[int, int] = 256, num_sample: int = 1, flip: str = "none",
-           flip_label_map: dict[int, int] | None = None,
-           grayscale_prob: float = 0.0, randaugment: str | None = None, test_crops: int = 1,
-           test_clips: int = 1, num_threads: int | None = None, on_error: str = "raise",
-           py_workers: int | None = None, hw_decoder_load: float | None = None,
-           manifest: str | None = None) -> "Loader":
-    """A Loader over `split` of `shards` (a directory with `<split>.manifest.json`, a list of tars, or one tar).
-
-    Args:
-        frames_per_segment: M, the temporal-difference window around each segment centre (the
-            model's frames_per_segment; official 5).
-        batch_size: videos per batch on this rank; a batch holds batch_size * views clips, where
-            views = num_sample (train), test_crops * test_clips (test) or 1 (val).
-        rank, world_size: this process's share of the data (see Loader).
-        device: where batches land; None picks "cuda" when available, else "cpu". On CUDA the
-            JPEG/video decode and all augmentation run on that GPU (DALI "mixed" backend).
-        sampling: which official frame choice to follow (pipelines.sampling): "something"
-            (Something-Something, the default) or "kinetics" (Kinetics and other datasets).
-        wrap_start: frames a window wants before a video's first come from its end, as the official
-            decord (video) path does; default: the first frame, as its frame-folder path.
-        resize: short side of the official scaled frame, or an exact (H, W) like (256, 320).
-        flip: "none", "plain" (p=0.5) or "swap" (p=0.5, labels swapped by flip_label_map,
-            default the Something-Something v2 left/right pairs).
-        randaugment: e.g. "rand-m7-n4-mstd0.5-inc1" (train only; nvidia.dali.auto_aug ops, one draw per clip
-            and view, shared by all its frames).
-        on_error: "raise" (error naming shard and key) or "skip" (drop the sample, count it).
-        num_threads: DALI CPU threads; default: the cores this process may use divided by
-            LOCAL_WORLD_SIZE (set by torchrun), so ranks on a node do not oversubscribe it.
-        py_workers: processes that read shard bytes for DALI (DALI's parallel external source,
-            spawned); 0 = in the thread that runs the pipeline (the training loop's). None:
-            GPU_PY_WORKERS on CUDA, where that thread must stay free, 0 on the CPU. Workers
-            are spawned: the calling script needs an `if __name__ == "__main__":` guard.
-        hw_decoder_load: share of JPEGs that the GPU's hardware JPEG engines decode (DALI's
-            `hw_decoder_load`, mixed decoder only); None keeps DALI's default (0.65).
-        manifest: which `<manifest>.manifest.json` of a shard directory to read; default `split`.
-            E.g. split="test", manifest="val" for the multi-view test on the validation videos.
-    """
-    spec = ClipSpec(split=split, num_segments=num_segments, frames_per_segment=frames_per_segment,
-                    sampling_scheme=sampling, wrap_start=wrap_start, image_size=image_size, resize=resize,
-                    num_sample=num_sample, flip=flip, flip_label_map=flip_label_map, grayscale_prob=grayscale_prob,
-                    test_crops=test_crops, test_clips=test_clips,
-                    randaugment=augment.parse_randaugment(randaugment) if randaugment and split == "train" else None)
-    one_tar = isinstance(shards, (str, os.PathLike)) and str(shards).endswith(".tar")
-    if manifest is not None and (one_tar or isinstance(shards, (list, tuple))):
-        raise ValueError("manifest= names a manifest of a shard directory; with tar paths, pass the tars you want")
-    try:
-        tars = [str(shards)] if one_tar else shard_paths(shards, manifest or split)
-    except FileNotFoundError as error:
-        missing_test_manifest = not (Path(shards) / "test.manifest.json").exists()
-        if manifest is None and split == "test" and missing_test_manifest:  # K400 / SSv2 test on their val videos
-            raise FileNotFoundError(f"{error}. To run the test views over another split's videos, pass "
-                                    f"manifest=, e.g. loader(..., 'test', ..., manifest='val')") from None
-        raise
-    return Loader(tars, spec, batch_size, rank=rank, world_size=world_size, seed=seed, device=device, dtype=dtype,
-                  num_threads=num_threads, on_error=on_error, py_workers=py_workers, hw_decoder_load=hw_decoder_load)
-
-
 class Loader:
     """Iterable over the batches of one epoch of one rank.
 
-    Batches are dicts: `clips` (B, T, M, 3, S, S) normalized, on `device`, in `dtype`; `label` (B,)
-    int64 on `device`; `valid` (B,) bool on `device` (False on padding); `key` list of B str.
-    A video's views are adjacent (view-major: crop/sample outer, temporal clip inner).
+    Batches are dicts, B = videos x views clips: `clips` (B, T, M, 3, S, S) normalized, on `device`, in
+    `dtype`; `label` (B,) int64 on `device` (after the flip swap); `valid` (B,) bool on `device` (False
+    on padding); `flipped` (B,) bool on `device`: the clip is mirrored (a train flip, or a mirrored test
+    crop); `label_swapped` (B,) bool on `device`: its label was swapped because it was mirrored
+    (data.flip "swap"); `key` list of B str. A video's views are adjacent (view-major: crop/sample
+    outer, temporal clip inner).
 
     Every rank yields len(self) batches per epoch (see plan.rank_rows for padding and dropping).
     The position advances as batches are yielded; after the last batch of epoch e the loader
@@ -107,7 +49,7 @@ class Loader:
     def __init__(self, tars: list[str], spec: ClipSpec, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
                  num_threads: int | None = None, on_error: str = "raise", py_workers: int | None = None,
-                 hw_decoder_load: float | None = None):
+                 hw_decoder_load: float | None = None, classes: list[str] | None = None):
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         batch_size = int(batch_size)
@@ -118,6 +60,7 @@ class Loader:
         self.spec, self.batch_size, self.rank, self.world_size = spec, batch_size, rank, world_size
         self.seed, self.dtype, self.on_error = seed, dtype, on_error
         self.samples = read_samples(tars)
+        self.classes = classes  # the manifest's class names (build_loader); None when built from tar paths
         self.mode = "video" if self.samples[0].layout == "video" else "frame"
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         self.num_threads = num_threads or _default_threads()
@@ -138,6 +81,11 @@ class Loader:
     # --- size and position -----------------------------------------------------------------
     def __len__(self) -> int:
         return self._batches_per_epoch
+
+    @property
+    def num_videos(self) -> int:
+        """Videos in the shards this loader reads (all ranks together)."""
+        return len(self.samples)
 
     @property
     def num_samples(self) -> int:
@@ -186,13 +134,16 @@ class Loader:
         return self._plan(self._cursor()[0] if epoch is None else epoch)
 
     def _plan(self, epoch: int) -> EpochPlan:
-        return self._current_planner()(epoch)
+        return self.planner(epoch)
 
     def _new_planner(self) -> Planner:
         return Planner(self.samples, self.spec, self.batch_size, rank=self.rank, world_size=self.world_size,
                        seed=self.seed, skipped=frozenset(self._skipped_ids), shared=self._shared)
 
-    def _current_planner(self) -> Planner:
+    @property
+    def planner(self) -> Planner:
+        """The epoch plans this loader's pipeline reads (remade when a sample is skipped): e.g. for a
+        ClipSource of one's own, as tools/bench_pipeline.py builds cut graphs on ours."""
         if self._planner.skipped != frozenset(self._skipped_ids):
             self._planner = self._new_planner()
         return self._planner
@@ -204,7 +155,7 @@ class Loader:
         while self._position < per_epoch:
             batch_index = self._position
             target = epoch * per_epoch + batch_index
-            planner = self._current_planner()
+            planner = self.planner
             if self._pipe is None or self._pipe_next != target or self._pipe_planner is not planner:
                 self._close_pipe()
                 self._pipe, self._pipe_planner, self._pipe_next = self._build(planner, target), planner, target
@@ -231,9 +182,7 @@ class Loader:
     def _close_pipe(self) -> None:
         pipe, self._pipe, self._pipe_planner, self._pipe_next = self._pipe, None, None, -1
         if pipe is not None:
-            # Shut down here, not in the pipeline's __del__: the shutdown takes ~0.3 s, and Python
-            # drops a Ctrl-C that arrives inside __del__ (the run would go on).
-            pipe._shutdown()
+            shut_down(pipe)
 
     def _build(self, planner: Planner, start: int):
         """A pipeline streaming this rank's batches from global batch `start` (= epoch * len + batch) on."""
@@ -268,12 +217,14 @@ class Loader:
         views = views.view(spec.num_views, plan.batch_size, -1, 3, size, size)
         clips = rearrange(views, "o b (k t m) c h w -> (b o k) t m c h w", k=spec.num_clips,
                           t=spec.num_segments).to(self.dtype)  # a video's views adjacent, as evaluate() expects
-        repeat = spec.num_clips
-        labels = np.repeat(plan.label[rows], repeat, axis=1).reshape(-1)  # (B*O*K,)
-        valid = np.repeat(plan.valid[rows], spec.num_views * repeat)
-        keys = [self.samples[i].key for i in plan.sample[rows] for _ in range(spec.num_views * repeat)]
-        return {"clips": clips, "label": torch.from_numpy(labels).to(self.device),
-                "valid": torch.from_numpy(valid).to(self.device), "key": keys}
+        per_clip = _clip_order(spec.num_clips)
+        original = np.array([self.samples[i].label for i in plan.sample[rows]], np.int64)  # (B,) before any swap
+        valid = np.repeat(plan.valid[rows], spec.num_views * spec.num_clips)
+        keys = [self.samples[i].key for i in plan.sample[rows] for _ in range(spec.num_views * spec.num_clips)]
+        arrays = {"label": per_clip(plan.label[rows]), "valid": valid, "flipped": per_clip(plan.mirror[rows] != 0),
+                  "label_swapped": per_clip(plan.label[rows] != original[:, None])}
+        return {"clips": clips, **{name: torch.from_numpy(a).to(self.device) for name, a in arrays.items()},
+                "key": keys}
 
     def _handle_failure(self, target: int, error: Exception) -> None:
         """Find the sample(s) that broke global batch `target`; raise naming them, or record them as skipped."""
@@ -299,6 +250,16 @@ class Loader:
         self._skipped_ids.update(bad)
 
 
+def shut_down(pipe) -> None:
+    """Stop a DALI pipeline's threads and reader processes now, in the caller's thread.
+
+    DALI 2.4 has no public call for this: a pipeline shuts down in its __del__, which takes ~0.3 s,
+    and Python drops a Ctrl-C that arrives inside __del__ (the run would go on). Its private
+    `_shutdown` is what __del__ calls; this is the one place that uses it.
+    """
+    pipe._shutdown()
+
+
 @contextlib.contextmanager
 def ctrl_c_held():
     """Block Ctrl-C (SIGINT) in this thread meanwhile; one that arrives is not lost: it is delivered as
@@ -320,6 +281,12 @@ def ctrl_c_held():
 def _default_threads() -> int:
     """This process's share of the cores: torchrun starts LOCAL_WORLD_SIZE processes per node."""
     return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _clip_order(num_clips: int):
+    """(B, O) per-view plan values -> (B*O*K,) per clip, in the batch's order (each of a view's K
+    temporal clips shares its value)."""
+    return lambda values: np.repeat(values, num_clips, axis=1).reshape(-1)
 
 
 def _cuda_index(device: torch.device) -> int:

@@ -13,28 +13,23 @@ frames of a VP9 WebM into one FHWC sample per clip.
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines import augment
-from pipelines.source import ClipSource
+from pipelines.source import ENCODED, FRAME_INDICES, FRAME_SIZE, ClipSource, ViewParams, view_output
 
 
 def read_clips(source: ClipSource, decode_device: str, parallel: int, decoder_options: dict):
     """Encoded inputs -> decoded uint8 frames (HWC per frame, or FHWC per clip), their (H, W) size (None
-    without RandAugment) and, per view, the params (roi_start, roi_end, mirror, gray or None, RandAugment
-    draws or None)."""
-    outputs = fn.external_source(source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
-                                 **({"parallel": True, "prefetch_queue_depth": parallel + 1} if parallel else {}))
+    without RandAugment) and, per view, its ViewParams (gray and draws None where the source gives none)."""
+    nodes = fn.external_source(source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
+                               **({"parallel": True, "prefetch_queue_depth": parallel + 1} if parallel else {}))
+    outputs = dict(zip(source.output_names, nodes))  # by name: the source decides the order
     if source.mode == "frame":
-        images = fn.decoders.image(outputs[0], device=decode_device, output_type=types.RGB, **decoder_options)
+        images = fn.decoders.image(outputs[ENCODED], device=decode_device, output_type=types.RGB, **decoder_options)
     else:
-        images = fn.decoders.video(outputs[0], frames=outputs[1], device=decode_device)  # (F, H, W, C)
-    frame_size = outputs[source.num_inputs - 1] if source.randaugment else None
-    params = outputs[source.num_inputs:]
-    views = []
-    for first in range(0, len(params), source.params_per_view):
-        roi_start, roi_end, mirror, *extra = params[first:first + source.params_per_view]
-        gray = extra.pop(0) if source.grayscale else None
-        draws = extra.pop(0) if source.randaugment else None
-        views.append((roi_start, roi_end, mirror, gray, draws))
-    return images, frame_size, views
+        images = fn.decoders.video(outputs[ENCODED], frames=outputs[FRAME_INDICES],
+                                   device=decode_device)  # (F, H, W, C) per clip
+    views = [ViewParams(**{field: outputs[view_output(field, view)] for field in source.view_fields})
+             for view in range(source.num_views)]
+    return images, outputs.get(FRAME_SIZE), views
 
 
 def _output(images, mirror, dtype, mode: str):
@@ -52,14 +47,14 @@ def train_pipeline(source: ClipSource, *, image_size: int, decode_device: str, d
     """
     images, frame_size, views = read_clips(source, decode_device, parallel, decoder_options or {})
     outputs = []
-    for roi_start, roi_end, mirror, gray, draws in views:
+    for params in views:
         view = images
         if source.randaugment:
-            view = augment.rand_augment(view, draws, randaugment_levels, frame_size)
-        view = augment.crop_resize(view, roi_start, roi_end, image_size, augment.INTERP["train"])
+            view = augment.rand_augment(view, params.draws, randaugment_levels, frame_size)
+        view = augment.crop_resize(view, params.roi_start, params.roi_end, image_size, augment.INTERP["train"])
         if source.grayscale:
-            view = augment.grayscale(view, gray)
-        outputs.append(_output(view, mirror, dtype, source.mode))
+            view = augment.grayscale(view, params.gray)
+        outputs.append(_output(view, params.mirror, dtype, source.mode))
     return tuple(outputs)
 
 
@@ -68,6 +63,6 @@ def eval_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dt
                   decoder_options: dict | None = None):
     """O = test_crops views per video (1 for val): fixed crops of the scaled frame (fused), mirror, normalize."""
     images, _, views = read_clips(source, decode_device, parallel, decoder_options or {})
-    return tuple(_output(augment.crop_resize(images, start, end, image_size, augment.INTERP["eval"]),
-                         mirror, dtype, source.mode)
-                 for start, end, mirror, _, _ in views)
+    return tuple(_output(augment.crop_resize(images, params.roi_start, params.roi_end, image_size,
+                                             augment.INTERP["eval"]), params.mirror, dtype, source.mode)
+                 for params in views)

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines import augment, sampling
+from pipelines import params, sampling
+from pipelines.config import FLIPS, MODES, TEST_CROPS
 from pipelines.reader import Sample, SharedRanges
 
-SPLITS = ("train", "val", "test")
-FLIPS = ("none", "plain", "swap")
 PLANS_KEPT = 4  # epoch plans a Planner keeps (see Planner)
 
 
@@ -38,11 +37,11 @@ class ClipSpec:
     grayscale_prob: float = 0.0
     test_crops: int = 1
     test_clips: int = 1
-    randaugment: tuple[int, int, float] | None = None  # (n, m, mstd) from augment.parse_randaugment; train only
+    randaugment: tuple[int, int, float] | None = None  # (n, m, mstd) (config.parse_randaugment); train only
 
     def __post_init__(self):
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.split not in MODES:
+            raise ValueError(f"split must be one of {MODES}, got {self.split!r}")
         sampling.check_scheme(self.sampling_scheme)
         if self.flip not in FLIPS:
             raise ValueError(f"flip must be one of {FLIPS}, got {self.flip!r}")
@@ -52,8 +51,8 @@ class ClipSpec:
         if self.frames_per_segment % 2 == 0:
             raise ValueError(f"frames_per_segment must be odd (a window centred on each sampled frame), "
                              f"got {self.frames_per_segment}")
-        if self.test_crops not in augment.TEST_CROPS:
-            raise ValueError(f"test_crops must be one of {augment.TEST_CROPS}, got {self.test_crops}")
+        if self.test_crops not in TEST_CROPS:
+            raise ValueError(f"test_crops must be one of {TEST_CROPS}, got {self.test_crops}")
         if not 0.0 <= self.grayscale_prob <= 1.0:
             raise ValueError(f"grayscale_prob must be in [0, 1], got {self.grayscale_prob}")
         short = self.resize if isinstance(self.resize, int) else min(self.resize)
@@ -82,7 +81,7 @@ class ClipSpec:
     def label_map(self) -> dict[int, int]:
         if self.flip != "swap":
             return {}
-        return augment.SSV2_FLIP_LABELS if self.flip_label_map is None else dict(self.flip_label_map)
+        return params.SSV2_FLIP_LABELS if self.flip_label_map is None else dict(self.flip_label_map)
 
 
 @dataclass
@@ -251,10 +250,10 @@ def _rand_augment_draws(rows: int, views: int, n: int, m: int, mstd: float,
                         rng: np.random.Generator) -> np.ndarray:
     """timm RandAugment choices per clip and view: n ops drawn with replacement, each applied with
     p=0.5 (else identity), magnitude m plus N(0, mstd) noise clipped to [0, 10], random sign."""
-    ops = rng.integers(0, augment.RA_NUM_DRAWN, (rows, views, n))
-    ops = np.where(rng.random((rows, views, n)) < 0.5, ops, augment.RA_IDENTITY)
+    ops = rng.integers(0, params.RA_NUM_DRAWN, (rows, views, n))
+    ops = np.where(rng.random((rows, views, n)) < 0.5, ops, params.RA_IDENTITY)
     magnitude = np.clip(rng.normal(m, mstd, (rows, views, n)) if mstd > 0 else np.full((rows, views, n), m), 0, 10)
-    bins = np.rint(magnitude * augment.RA_BINS_PER_UNIT)
+    bins = np.rint(magnitude * params.RA_BINS_PER_UNIT)
     negate = rng.integers(0, 2, (rows, views, n))
     return np.stack([ops, bins, negate], axis=2).astype(np.int32)
 
@@ -280,10 +279,10 @@ def _plan_video(plan: EpochPlan, r: int, sample: Sample, spec: ClipSpec, rng: np
     plan.frames[r] = sampling.window(centres, n, spec.frames_per_segment,
                                      wrap_start=spec.wrap_start).reshape(-1)  # (K*T*M,)
     stored = (sample.height, sample.width)
-    scaled = augment.scaled_size(sample.source_height, sample.source_width, spec.resize)  # the official frame
+    scaled = params.scaled_size(sample.source_height, sample.source_width, spec.resize)  # the official frame
     if spec.train:
         for v in range(spec.num_views):
-            plan.roi[r, v] = augment.to_stored_roi(augment.random_resized_crop(*scaled, rng), scaled, stored)
+            plan.roi[r, v] = params.to_stored_roi(params.random_resized_crop(*scaled, rng), scaled, stored)
             flipped = spec.flip != "none" and rng.random() < 0.5
             plan.mirror[r, v] = flipped
             plan.label[r, v] = spec.label_map.get(sample.label, sample.label) if flipped else sample.label
@@ -291,7 +290,7 @@ def _plan_video(plan: EpochPlan, r: int, sample: Sample, spec: ClipSpec, rng: np
                 plan.gray[r, v] = True
         return
     size = spec.image_size
-    for v, (y, x, mirror) in enumerate(augment.test_crops(*scaled, size, spec.num_views)):
-        plan.roi[r, v] = augment.to_stored_roi((y, x, size, size), scaled, stored)
+    for v, (y, x, mirror) in enumerate(params.test_crops(*scaled, size, spec.num_views)):
+        plan.roi[r, v] = params.to_stored_roi((y, x, size, size), scaled, stored)
         plan.mirror[r, v] = mirror
     plan.label[r] = sample.label

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import format as fmt
-from shards.manifest import ShardFormatError, read_index, read_manifest
+from shards.manifest import Manifest, ShardFormatError, read_index, read_manifest
 
 
 class ShardReadError(RuntimeError):
@@ -45,14 +45,19 @@ def shard_paths(shards: str | os.PathLike | list, split: str) -> list[str]:
         if not shards:
             raise ValueError("shards: the list of tar paths is empty")
         return [str(p) for p in shards]
-    if os.path.isfile(shards):
-        raise ShardFormatError(f"{shards} is a file: give the shard directory (with <split>.manifest.json) "
+    return [str(p) for p in read_split(shards, split).tar_paths()]
+
+
+def read_split(directory: str | os.PathLike, split: str) -> Manifest:
+    """`<directory>/<split>.manifest.json`, validated (its shards exist at their listed sizes), with samples."""
+    if os.path.isfile(directory):
+        raise ShardFormatError(f"{directory} is a file: give the shard directory (with <split>.manifest.json) "
                                f"or a list of tar paths")
-    manifest = read_manifest(shards, split)
+    manifest = read_manifest(directory, split)
     if not manifest.num_samples:
-        raise ShardFormatError(f"{Path(shards) / fmt.manifest_name(split)}: the {split} split has no samples "
+        raise ShardFormatError(f"{Path(directory) / fmt.manifest_name(split)}: the {split} split has no samples "
                                f"({len(manifest.rejected)} inputs were rejected when it was packed)")
-    return [str(p) for p in manifest.tar_paths()]
+    return manifest
 
 
 def read_samples(tars: list[str]) -> list[Sample]:

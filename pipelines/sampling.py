@@ -13,8 +13,9 @@ starts for K test clips).
 
 import numpy as np
 
+from pipelines.config import SCHEMES
+
 FRAMES_PER_SEGMENT = 5
-SCHEMES = ("something", "kinetics")
 
 
 def clip_centres(scheme: str, split: str, num_frames: int, num_segments: int, num_clips: int = 1,

@@ -7,10 +7,12 @@ rebuild, and its prefetch queue runs across epoch boundaries. Two modes (pipelin
 - "frame": one DALI sample per frame: (jpeg, params...); a batch holds B videos x F frames; the
   clip's params are repeated for each of its frames.
 - "video": one DALI sample per video: (webm, frame indices, params...).
-When the graph runs RandAugment, the stored frame size (H, W) (int32) follows: RandAugment works on
-the stored frames, whose translations are a share of their size. Then params, for each of the O
-views: roi_start (y0, x0), roi_end (y1, x1), mirror, then gray (bool) when the graph converts to
-grayscale, then the RandAugment draws ((3, n) int32) when it augments.
+Outputs are named (`ClipSource.output_names`; pipelines/pipeline.py looks them up by name): ENCODED,
+then FRAME_INDICES (video mode), then FRAME_SIZE, the stored frame size (H, W) (int32), when the graph
+runs RandAugment (it works on the stored frames, whose translations are a share of their size); then,
+for each of the O views, the ViewParams fields it uses, named "<field>/<view>": roi_start (y0, x0),
+roi_end (y1, x1), mirror, gray (bool) when the graph converts to grayscale, draws (the RandAugment
+draws, (3, n) int32) when it augments.
 Each param output is one dense array over the batch, not a list of per-sample arrays: DALI (and,
 with reader processes, the shared-memory hand-over) then pays per batch, not per frame, which made
 the host-side feed 2-3x faster (docs/benchmarks.md, "Host-side feed").
@@ -24,6 +26,7 @@ in worker processes.
 """
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,6 +35,23 @@ from pipelines.reader import ShardFiles, ShardReadError, jpeg_headers_ok
 
 MODES = ("frame", "video")
 MERGE_GAP = 4096  # bytes: a tar header (512) plus padding (< 512) between adjacent frames, with room
+ENCODED, FRAME_INDICES, FRAME_SIZE = "encoded", "frame_indices", "frame_size"
+
+
+class ViewParams(NamedTuple):
+    """The per-view outputs, by name; a graph that does not convert to grayscale or augment has no
+    gray / draws output (None here on the graph's side)."""
+
+    roi_start: object
+    roi_end: object
+    mirror: object
+    gray: object = None
+    draws: object = None
+
+
+def view_output(field: str, view: int) -> str:
+    """The output name of ViewParams field `field` of view `view`."""
+    return f"{field}/{view}"
 
 
 class ClipSource:
@@ -51,40 +71,52 @@ class ClipSource:
         self._buffer = np.empty(0, np.uint8)
 
     @property
+    def view_fields(self) -> tuple[str, ...]:
+        """The ViewParams fields this source gives for each view."""
+        return ViewParams._fields[:3] + ("gray",) * self.grayscale + ("draws",) * self.randaugment
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Names of the outputs, in the order __call__ returns them."""
+        inputs = (ENCODED,) + (FRAME_INDICES,) * (self.mode == "video") + (FRAME_SIZE,) * self.randaugment
+        return inputs + tuple(view_output(f, v) for v in range(self.num_views) for f in self.view_fields)
+
+    @property
     def num_outputs(self) -> int:
-        return self.num_inputs + self.params_per_view * self.num_views
-
-    @property
-    def num_inputs(self) -> int:
-        """Outputs before the per-view params: encoded data, [frame indices], [frame size]."""
-        return {"frame": 1, "video": 2}[self.mode] + self.randaugment
-
-    @property
-    def params_per_view(self) -> int:
-        return 3 + self.grayscale + self.randaugment
+        return len(self.output_names)
 
     def position(self, iteration: int) -> tuple[int, int]:
         """(epoch, batch) of call `iteration`."""
         return divmod(self.start + iteration, self.batches_per_epoch)
 
     def __call__(self, info) -> list:
-        """Batch `info.iteration` of the stream: per output a list of B (or B*F) encoded samples, or one
-        dense array whose first axis is the batch (params: one copy into DALI instead of one per sample)."""
-        epoch, batch = self.position(info.iteration)
+        """Batch `info.iteration` of the stream, one entry per output_names: a list of B (or B*F) encoded
+        samples, or one dense array whose first axis is the batch (one copy into DALI, not one per sample)."""
+        batch = self.batch(info.iteration)
+        return [batch[name] for name in self.output_names]
+
+    def batch(self, iteration: int) -> dict:
+        """Batch `iteration` of the stream by output name."""
+        epoch, batch = self.position(iteration)
         plan = self.planner(epoch)
         samples = self.planner.samples
         rows = slice(batch * plan.batch_size, (batch + 1) * plan.batch_size)
-        params = self._params(plan, rows)
+        repeat = self.frames_per_video if self.mode == "frame" else 1  # frame mode: params for every frame
+        outputs = {name: np.repeat(column, repeat, axis=0) if repeat > 1 else column
+                   for name, column in self._params(plan, rows).items()}
         if self.randaugment:
-            params.insert(0, np.array([(samples[i].height, samples[i].width) for i in plan.sample[rows]], np.int32))
+            sizes = np.array([(samples[i].height, samples[i].width) for i in plan.sample[rows]], np.int32)
+            outputs[FRAME_SIZE] = np.repeat(sizes, repeat, axis=0) if repeat > 1 else sizes
         if self.mode == "frame":
             clips = [(samples[plan.sample[row]], plan.frames[row]) for row in range(rows.start, rows.stop)]
             jpegs, starts = self._read([(sample, *_frame_spans(sample.ranges[frames])) for sample, frames in clips])
-            _check_jpeg_headers(self._buffer, starts, jpegs, clips)
-            return [jpegs] + [np.repeat(column, self.frames_per_video, axis=0) for column in params]
-        webms, _ = self._read([(sample, [tuple(sample.ranges[0])], [(0, 0, sample.ranges[0][1])])
-                               for sample in (samples[i] for i in plan.sample[rows])])
-        return [webms, np.ascontiguousarray(plan.frames[rows])] + params
+            _check_jpegs(self._buffer, starts, jpegs, clips)
+            outputs[ENCODED] = jpegs
+        else:
+            webms, _ = self._read([(sample, [tuple(sample.ranges[0])], [(0, 0, sample.ranges[0][1])])
+                                   for sample in (samples[i] for i in plan.sample[rows])])
+            outputs[ENCODED], outputs[FRAME_INDICES] = webms, np.ascontiguousarray(plan.frames[rows])
+        return outputs
 
     def _read(self, clips: list) -> tuple[list[np.ndarray], list[int]]:
         """The pieces of each (sample, spans, pieces) clip, in order, as views of one buffer holding every
@@ -114,20 +146,19 @@ class ClipSource:
     def __getstate__(self):  # the buffer does not travel
         return {**self.__dict__, "_buffer": np.empty(0, np.uint8)}
 
-    def _params(self, plan, rows: slice) -> list[np.ndarray]:
-        """Per view: roi_start (B, 2), roi_end (B, 2), mirror (B,), [gray (B,)], [RandAugment draws (B, 3, n)]."""
-        outputs = []
+    def _params(self, plan, rows: slice) -> dict[str, np.ndarray]:
+        """Per view: roi_start (B, 2), roi_end (B, 2), mirror (B,), [gray (B,)], [draws (B, 3, n)]."""
+        outputs = {}
         for view in range(self.num_views):
             roi = plan.roi[rows, view]
-            outputs += [roi[:, :2], roi[:, 2:], plan.mirror[rows, view]]
-            if self.grayscale:
-                outputs.append(plan.gray[rows, view])
-            if self.randaugment:
-                outputs.append(plan.ra[rows, view])
-        return [np.ascontiguousarray(column) for column in outputs]  # slices of (R, O, ...) plan arrays
+            columns = {"roi_start": roi[:, :2], "roi_end": roi[:, 2:], "mirror": plan.mirror[rows, view],
+                       "gray": plan.gray[rows, view], "draws": plan.ra[rows, view] if self.randaugment else None}
+            for field in self.view_fields:  # slices of (R, O, ...) plan arrays
+                outputs[view_output(field, view)] = np.ascontiguousarray(columns[field])
+        return outputs
 
 
-def _check_jpeg_headers(buffer: np.ndarray, starts: list[int], jpegs: list[np.ndarray], clips: list) -> None:
+def _check_jpegs(buffer: np.ndarray, starts: list[int], jpegs: list[np.ndarray], clips: list) -> None:
     """Raise ShardReadError unless every frame has a well-formed JPEG header (see jpeg_headers_ok).
 
     DALI 2.4's CPU image decoder can crash the process (a segfault, not an error) when a batch of more

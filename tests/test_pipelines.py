@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import pipelines
-from pipelines import augment, sampling
+from pipelines import params, sampling
 from pipelines import plan as plan_module
 from pipelines import source as source_module
 from pipelines.augment import CLIP_MEAN, CLIP_STD
@@ -211,7 +211,7 @@ def test_randaugment_same_ops_for_every_frame_of_a_clip_and_clips_differ(tmp_pat
     assert (plain == plain[:1, :1]).all() and not torch.equal(plain, clips)
     draws = data.plan(0).ra  # (R, O, 3, n): op, magnitude bin, sign per clip and view
     assert draws.shape == (8, 1, 3, 1)
-    identity = draws[:, 0, 0, 0] == augment.RA_IDENTITY  # drawn but not applied (p=0.5)
+    identity = draws[:, 0, 0, 0] == params.RA_IDENTITY  # drawn but not applied (p=0.5)
     changed = (clips[:, 0] - plain[:, 0]).abs().flatten(1).amax(1) > 1e-3
     assert not changed[torch.from_numpy(identity)].any()
 
@@ -230,8 +230,8 @@ def test_randaugment_works_on_the_stored_frame_before_the_crop(tmp_path, monkeyp
 
     def largest_shift_right(rows, views, n, m, mstd, rng):  # level 0: translate_x at magnitude 10, positive
         draws = np.zeros((rows, views, 3, n), np.int32)
-        draws[:, :, 0] = augment.RA_IDENTITY
-        draws[:, :, :, 0] = [augment.RA_OPS.index("translate_x"), augment.RA_NUM_BINS - 1, 0]
+        draws[:, :, 0] = params.RA_IDENTITY
+        draws[:, :, :, 0] = [params.RA_OPS.index("translate_x"), params.RA_NUM_BINS - 1, 0]
         return draws
 
     monkeypatch.setattr(plan_module, "_rand_augment_draws", largest_shift_right)
@@ -244,7 +244,7 @@ def test_randaugment_works_on_the_stored_frame_before_the_crop(tmp_path, monkeyp
     overlaps = []
     for row, view in np.ndindex(8, 2):
         width = sizes[int(batch["key"][2 * row][1:]) % 4][1]
-        vacated = augment.RA_TRANSLATE * width  # stored columns x < vacated are fill (128) after the shift
+        vacated = params.RA_TRANSLATE * width  # stored columns x < vacated are fill (128) after the shift
         y0, x0, y1, x1 = plan.roi[row, view]
         x = x0 + (np.arange(size) + 0.5) * (x1 - x0) / size  # where each output column samples
         margin = max(1.0, (x1 - x0) / size) + 0.5  # the linear, antialiased resampling blends this far
@@ -264,7 +264,7 @@ def test_one_pipeline_streams_consecutive_epochs(frame_shards):
     pipe = data._pipe
     second = list(data)  # epoch 1: no rebuild, same batches as a loader started at epoch 1
     assert data._pipe is pipe and data.state_dict()["epoch"] == 2
-    planner = data._current_planner()  # epoch 2's plan is being made (or made) in the background
+    planner = data.planner  # epoch 2's plan is being made (or made) in the background
     for thread in list(planner._pending.values()):
         thread.join()
     assert 2 in planner._cache
@@ -287,7 +287,7 @@ def test_frame_spans_merge_adjacent_members_and_keep_frame_order():
 
 
 def test_planner_keeps_the_epochs_last_asked_for(frame_shards, monkeypatch):
-    planner = pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=6, num_threads=1, **SIZE)._current_planner()
+    planner = pipelines.loader(frame_shards, "train", 2, num_segments=2, seed=6, num_threads=1, **SIZE).planner
     made, make_plan = [], plan_module.make_plan
     monkeypatch.setattr(plan_module, "make_plan", lambda *a, **k: made.append(k["epoch"]) or make_plan(*a, **k))
     for epoch in [5, 0, 0, 5]:  # going back to an earlier epoch (a benchmark, a re-run) keeps it cached
@@ -446,7 +446,7 @@ def test_ctrl_c_stops_the_main_process_only_even_while_reader_processes_start(fr
     import signal
     import time
 
-    loader_module = importlib.import_module("pipelines.loader")  # the module, not the function of that name
+    loader_module = importlib.import_module("pipelines.batches")
     real_train_pipeline = loader_module.train_pipeline
 
     def interrupted_while_building(*args, **kwargs):

@@ -7,33 +7,34 @@ import pytest
 import torch
 
 import pipelines
-from pipelines import augment
+from pipelines import augment, params
 from pipelines import plan as plan_module
+from pipelines.config import parse_randaugment
 from test_pipelines import CUDA, SIZE, gradient_image, write_shards
 
 
 def test_scaled_size_follows_torchvision_resize_and_exact_sizes():
-    assert augment.scaled_size(24, 32, 256) == (256, 341)
-    assert augment.scaled_size(32, 24, 256) == (341, 256)
-    assert augment.scaled_size(240, 427, (256, 320)) == (256, 320)
+    assert params.scaled_size(24, 32, 256) == (256, 341)
+    assert params.scaled_size(32, 24, 256) == (341, 256)
+    assert params.scaled_size(240, 427, (256, 320)) == (256, 320)
 
 
 def test_test_crops_official_positions_and_order():
     # scaled 256x341, crop 224: w_step = 29, h_step = 8
-    assert augment.test_crops(256, 341, 224, 1) == [(16, 58, False)]
-    assert augment.test_crops(256, 341, 224, 3) == [(16, 0, False), (16, 116, False), (16, 58, False)]
+    assert params.test_crops(256, 341, 224, 1) == [(16, 58, False)]
+    assert params.test_crops(256, 341, 224, 3) == [(16, 0, False), (16, 116, False), (16, 58, False)]
     five = [(0, 0), (0, 116), (32, 0), (32, 116), (16, 58)]
-    assert augment.test_crops(256, 341, 224, 5) == [(y, x, False) for y, x in five]
-    assert augment.test_crops(256, 341, 224, 10) == [(y, x, m) for y, x in five for m in (False, True)]
+    assert params.test_crops(256, 341, 224, 5) == [(y, x, False) for y, x in five]
+    assert params.test_crops(256, 341, 224, 10) == [(y, x, m) for y, x in five for m in (False, True)]
     with pytest.raises(ValueError, match="test_crops"):
-        augment.test_crops(256, 341, 224, 4)
+        params.test_crops(256, 341, 224, 4)
 
 
 def test_random_resized_crop_stays_inside_with_official_area_and_aspect():
     rng = np.random.default_rng(0)
     areas = []
     for _ in range(500):
-        y, x, h, w = augment.random_resized_crop(256, 341, rng)
+        y, x, h, w = params.random_resized_crop(256, 341, rng)
         assert 0 <= y and y + h <= 256 and 0 <= x and x + w <= 341
         areas.append(h * w / (256 * 341))
         assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05 or h == w == 256  # swapped sides stay in range
@@ -41,15 +42,15 @@ def test_random_resized_crop_stays_inside_with_official_area_and_aspect():
 
 
 def test_roi_maps_scaled_window_to_stored_pixels():
-    roi = augment.to_stored_roi((16, 58, 224, 224), scaled=(256, 341), stored=(480, 640))
+    roi = params.to_stored_roi((16, 58, 224, 224), scaled=(256, 341), stored=(480, 640))
     np.testing.assert_allclose(roi, [30, 58 * 640 / 341, 240 * 480 / 256, 282 * 640 / 341], rtol=1e-6)
 
 
 def test_parse_randaugment():
-    assert augment.parse_randaugment("rand-m7-n4-mstd0.5") == (4, 7, 0.5)
-    assert augment.parse_randaugment("rand-m9-n2-inc1") == (2, 9, 0.0)
+    assert parse_randaugment("rand-m7-n4-mstd0.5") == (4, 7, 0.5)
+    assert parse_randaugment("rand-m9-n2-inc1") == (2, 9, 0.0)
     with pytest.raises(ValueError, match="unknown part"):
-        augment.parse_randaugment("rand-m7-x4")
+        parse_randaugment("rand-m7-x4")
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -60,7 +61,7 @@ def test_parse_randaugment():
 ])
 def test_parse_randaugment_names_what_is_wrong(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        augment.parse_randaugment(spec)
+        parse_randaugment(spec)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_crop_windows_follow_the_official_scaling_of_the_source_not_the_stored_s
     write_shards(tmp_path, "test", [{"key": "wide", "label": 0, "frames": [stored] * 4, "source_size": (640, 360)},
                                     {"key": "old", "label": 0, "frames": [stored] * 4}])  # an index without it
     data = pipelines.loader(tmp_path, "test", 2, num_segments=1, test_crops=3, num_threads=1)
-    official = augment.test_crops(256, 455, 224, 3)  # left, right, centre of the 455x256 official frame
+    official = params.test_crops(256, 455, 224, 3)  # left, right, centre of the 455x256 official frame
     assert [x for _, x, _ in official] == [0, 228, 114]
     roi = data.plan(0).roi  # (R, O, 4) [y0, x0, y1, x1] in stored pixels
     sx = 456 / 455
@@ -115,14 +116,14 @@ def test_randaugment_translate_is_dalis_translate_in_whole_pixels(name):
     from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
     from nvidia.dali.auto_aug.core import signed_bin
 
-    index = augment.RA_OPS.index(name)
+    index = params.RA_OPS.index(name)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size, dtype=np.uint8) for size in ((24, 40, 3), (31, 17, 3))]
     ours = augment._rand_augment_suite()[index]
-    suite = dali_rand_augment.get_rand_augment_suite(use_shape=True, max_translate_rel=augment.RA_TRANSLATE)
+    suite = dali_rand_augment.get_rand_augment_suite(use_shape=True, max_translate_rel=params.RA_TRANSLATE)
     (dalis,) = [op for op in suite if op.name.endswith(name)]
-    bins = np.repeat(np.arange(augment.RA_NUM_BINS, dtype=np.int32), 4)
-    signs = np.tile(np.repeat(np.arange(2, dtype=np.int32), 2), augment.RA_NUM_BINS)
+    bins = np.repeat(np.arange(params.RA_NUM_BINS, dtype=np.int32), 4)
+    signs = np.tile(np.repeat(np.arange(2, dtype=np.int32), 2), params.RA_NUM_BINS)
     batch = [images[i % 2] for i in range(len(bins))]
 
     @pipeline_def(batch_size=len(bins), num_threads=1, device_id=None)
@@ -131,7 +132,7 @@ def test_randaugment_translate_is_dalis_translate_in_whole_pixels(name):
         sizes = fn.external_source(source=lambda: [np.array(b.shape[:2], np.int32) for b in batch], batch=True)
         magnitude = signed_bin(fn.external_source(source=lambda: list(bins), batch=True),
                                fn.external_source(source=lambda: list(signs), batch=True))
-        common = dict(magnitude_bin=magnitude, num_magnitude_bins=augment.RA_NUM_BINS, shape=sizes, fill_value=128)
+        common = dict(magnitude_bin=magnitude, num_magnitude_bins=params.RA_NUM_BINS, shape=sizes, fill_value=128)
         return ours(frames, **common), dalis(frames, interp_type=types.INTERP_NN, **common)
 
     pipe = both()
@@ -149,10 +150,10 @@ def _timm_reference(name: str, image: np.ndarray, magnitude_bin: int) -> np.ndar
     from PIL import Image, ImageOps
 
     if name == "posterize":
-        bits = augment.posterize_bits(magnitude_bin)  # 0 only at m=10: black, as PIL did before it refused 0 bits
+        bits = params.posterize_bits(magnitude_bin)  # 0 only at m=10: black, as PIL did before it refused 0 bits
         return np.asarray(ImageOps.posterize(Image.fromarray(image), bits)) if bits else np.zeros_like(image)
     if name == "solarize_add":
-        add = int(magnitude_bin / augment.RA_BINS_PER_UNIT / 10 * 110)
+        add = int(magnitude_bin / params.RA_BINS_PER_UNIT / 10 * 110)
         return np.where(image < 128, np.minimum(image.astype(int) + add, 255), image).astype(np.uint8)
     assert name == "invert"
     return np.asarray(ImageOps.invert(Image.fromarray(image)))
@@ -164,10 +165,10 @@ def test_randaugment_pixel_ops_match_timms_increasing_set(name, device):
     """Per magnitude bin, exactly what the official timm ops do (posterize: 2 bits at m=7, not DALI's 5)."""
     from nvidia.dali import fn, pipeline_def
 
-    assert [augment.posterize_bits(b) for b in (0, 24, 25, 70, 74, 75, 99, 100)] == [4, 4, 3, 2, 2, 1, 1, 0]
-    ours = augment._rand_augment_suite()[augment.RA_OPS.index(name)]
+    assert [params.posterize_bits(b) for b in (0, 24, 25, 70, 74, 75, 99, 100)] == [4, 4, 3, 2, 2, 1, 1, 0]
+    ours = augment._rand_augment_suite()[params.RA_OPS.index(name)]
     image = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    bins = np.arange(augment.RA_NUM_BINS, dtype=np.int32)
+    bins = np.arange(params.RA_NUM_BINS, dtype=np.int32)
 
     @pipeline_def(batch_size=len(bins), num_threads=1, device_id=0 if device == "cuda" else None)
     def applied():
@@ -175,7 +176,7 @@ def test_randaugment_pixel_ops_match_timms_increasing_set(name, device):
         magnitude = fn.external_source(source=lambda: list(bins), batch=True)
         if device == "cuda":
             images = images.gpu()
-        return ours(images, magnitude_bin=magnitude, num_magnitude_bins=augment.RA_NUM_BINS)
+        return ours(images, magnitude_bin=magnitude, num_magnitude_bins=params.RA_NUM_BINS)
 
     pipe = applied()
     pipe.build()
@@ -186,11 +187,11 @@ def test_randaugment_pixel_ops_match_timms_increasing_set(name, device):
 
 
 def test_randaugment_draws_timms_fifteen_ops():
-    assert augment.RA_NUM_DRAWN == 15 and augment.RA_OPS[augment.RA_IDENTITY] == "identity"
-    assert {"invert", "solarize_add"} <= set(augment.RA_OPS[:augment.RA_NUM_DRAWN])
+    assert params.RA_NUM_DRAWN == 15 and params.RA_OPS[params.RA_IDENTITY] == "identity"
+    assert {"invert", "solarize_add"} <= set(params.RA_OPS[:params.RA_NUM_DRAWN])
     draws = plan_module._rand_augment_draws(4000, 1, 2, 7, 0.5, np.random.default_rng(0))  # (R, O, 3, n)
     ops = draws[:, 0, 0].ravel()
-    applied = ops[ops != augment.RA_IDENTITY]
+    applied = ops[ops != params.RA_IDENTITY]
     assert 0.45 < len(applied) / len(ops) < 0.55  # each drawn op applies with p=0.5
     assert set(applied.tolist()) == set(range(15)) and np.bincount(applied).min() > 0.7 * len(applied) / 15
 
@@ -203,18 +204,18 @@ def test_sharpness_and_equalize_are_dalis_without_the_deprecated_aliases(name):
     from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
     from nvidia.dali.auto_aug.core import signed_bin
 
-    ours = augment._rand_augment_suite()[augment.RA_OPS.index(name)]
+    ours = augment._rand_augment_suite()[params.RA_OPS.index(name)]
     (dalis,) = [op for op in dali_rand_augment.get_rand_augment_suite(use_shape=True) if op.name.endswith(name)]
     image = np.random.default_rng(2).integers(0, 256, (24, 40, 3), dtype=np.uint8)
-    bins = np.repeat(np.arange(augment.RA_NUM_BINS, dtype=np.int32), 2)
-    signs = np.tile(np.arange(2, dtype=np.int32), augment.RA_NUM_BINS)
+    bins = np.repeat(np.arange(params.RA_NUM_BINS, dtype=np.int32), 2)
+    signs = np.tile(np.arange(2, dtype=np.int32), params.RA_NUM_BINS)
 
     @pipeline_def(batch_size=len(bins), num_threads=1, device_id=None)
     def applied(op):
         images = fn.external_source(source=lambda: [image] * len(bins), batch=True, layout="HWC")
         magnitude = signed_bin(fn.external_source(source=lambda: list(bins), batch=True),
                                fn.external_source(source=lambda: list(signs), batch=True))
-        return op(images, magnitude_bin=magnitude, num_magnitude_bins=augment.RA_NUM_BINS)
+        return op(images, magnitude_bin=magnitude, num_magnitude_bins=params.RA_NUM_BINS)
 
     outputs = []
     for op in (ours, dalis):

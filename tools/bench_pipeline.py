@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipelines  # noqa: E402
-from pipelines import augment, sampling  # noqa: E402
-from pipelines.loader import GPU_PY_WORKERS  # noqa: E402
+from pipelines import augment, params, sampling  # noqa: E402
+from pipelines.batches import GPU_PY_WORKERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,7 +183,7 @@ def _train_transform(images):
     from PIL import Image, ImageOps
 
     w, h = images[0].size
-    y, x, ch, cw = augment.random_resized_crop(h, w, np.random.default_rng(random.getrandbits(32)))
+    y, x, ch, cw = params.random_resized_crop(h, w, np.random.default_rng(random.getrandbits(32)))
     images = [img.crop((x, y, x + cw, y + ch)).resize((224, 224), Image.BILINEAR) for img in images]
     if random.random() < 0.5:
         images = [img.transpose(Image.FLIP_LEFT_RIGHT) for img in images]
@@ -262,7 +262,7 @@ def stage_cost(data: "pipelines.Loader", args) -> dict[str, tuple[float, float]]
         start, end = views[0][:2]
         return augment.crop_resize(images, start, end, args.image_size, augment.INTERP["train"])
 
-    plan, cuda, planner = data.plan(), data.device.type == "cuda", data._current_planner()
+    plan, cuda, planner = data.plan(), data.device.type == "cuda", data.planner
     frames = plan.frames.shape[1]
     common = dict(batch_size=plan.batch_size * frames, num_threads=args.threads, seed=0,
                   device_id=torch.cuda.current_device() if cuda else None)
@@ -297,7 +297,7 @@ def source_rate(data: "pipelines.Loader", seconds: float = 3.0) -> tuple[float, 
 
     from pipelines.source import ClipSource
 
-    source = ClipSource(data._current_planner(), data.mode, grayscale=True)
+    source = ClipSource(data.planner, data.mode, grayscale=True)
     calls = 0
     pread = source.files.pread_into
 
@@ -325,7 +325,7 @@ def feed_rate(data: "pipelines.Loader", py_workers: int, threads: int, seconds: 
 
     from pipelines.source import ClipSource
 
-    source = ClipSource(data._current_planner(), data.mode, grayscale=True)
+    source = ClipSource(data.planner, data.mode, grayscale=True)
     parallel = {"parallel": True, "prefetch_queue_depth": py_workers + 1} if py_workers else {}
 
     @pipeline_def(batch_size=data.batch_size * data.spec.frames_per_video, num_threads=threads,

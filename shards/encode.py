@@ -1,8 +1,10 @@
 """Turning one input (a video file or a frame folder) into one verified shard sample.
 
-Frames are decoded with PyAV (FFmpeg), resized to a fixed short side with swscale, and stored either
-as one VP9 WebM stream (layout `video`) or as one JPEG per frame (layout `frames`, libjpeg-turbo via
-Pillow). Frame folders that already hold JPEGs go into layout `frames` as they are, without re-encoding.
+Frames are decoded with PyAV (FFmpeg), shrunk to a fixed short side with swscale (a smaller video keeps
+its own size: upscaling would only add bytes), and stored either as one VP9 WebM stream (layout `video`)
+or as one JPEG per frame (layout `frames`, libjpeg-turbo via Pillow, quality 95 and 4:2:0 chroma by
+default: the official data preparation's, mmaction2's frame extraction with OpenCV). Frame folders that
+already hold JPEGs go into layout `frames` as they are, without re-encoding.
 Frame i of the sample is frame i of the source. A video whose frames cover less than 75% of the
 duration its header declares is rejected as truncated (FFmpeg decodes a cut WebM to its end without
 an error). Every sample is decoded back once and its frame count checked before it is accepted; any
@@ -37,8 +39,8 @@ class EncodeOptions:
     """How samples are stored; the defaults are the ones docs/shards.md chose by measurement."""
 
     layout: str = "frames"
-    short_side: int = 256  # 0 keeps the source size
-    quality: int = 75  # JPEG quality, layout frames
+    short_side: int = 256  # 0 keeps the source size, as does a source whose short side is smaller
+    quality: int = 95  # JPEG quality, layout frames: OpenCV's default, which mmaction2's extraction uses
     crf: int = 32  # VP9 constant quality, layout video
     gop: int = 32  # VP9 keyframe interval, layout video
     speed: int = 6  # libvpx cpu-used, layout video
@@ -104,8 +106,10 @@ def encode_source(source: Source, root: Path, options: EncodeOptions) -> Encoded
 
 
 def target_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the short side `short_side` and the long side scaled to the nearest even number."""
-    if short_side == 0:
+    """(width, height) with the short side `short_side` and the long side scaled to the nearest even number;
+    the source's own size when `short_side` is 0 or not below the source's short side (never upscaled: the
+    pipelines scale to the official frame from the source size anyway, so upscaling would only add bytes)."""
+    if short_side == 0 or short_side >= min(width, height):
         return width, height
     if width <= height:
         return short_side, max(2, 2 * round(height * short_side / width / 2))

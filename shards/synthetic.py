@@ -94,6 +94,41 @@ def motion_video(label: int, spec: MotionSpec, rng: np.random.Generator) -> np.n
     return video
 
 
+def natural_video(num_frames: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (T, H, W, 3) with the statistics JPEG cares about in camera footage, unlike the flat motion
+    videos: a colour gradient, smooth multi-scale texture panning across the frame, a textured disc
+    crossing it, and per-frame sensor grain. For measuring storage quality (tools/bench_shards.py)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    gradient = np.stack([x / width, y / height, 1 - x / width], axis=-1) * 0.5  # (H, W, 3)
+    pad = num_frames * 2
+    texture = sum(_box_blur(_texture(rng, height + pad, width + pad, cell), cell // 2) * (cell / 32)
+                  for cell in (4, 8, 16, 32))  # coarse scales strong, fine detail weak, as in photographs
+    texture = (texture - texture.min()) / np.ptp(texture) * 0.5  # (H + pad, W + pad, 3)
+    disc_colour = _box_blur(_texture(rng, height, width, 6), 1)
+    radius = min(height, width) / 5
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        frame = gradient + texture[t: t + height, 2 * t: 2 * t + width][:height, :width]  # pans 1 px down, 2 right
+        cy, cx = height / 2 + radius * np.sin(t / 9), radius + (width - 2 * radius) * t / max(1, num_frames - 1)
+        inside = (y - cy) ** 2 + (x - cx) ** 2 < radius**2
+        frame[inside] = disc_colour[inside]
+        grain = rng.normal(0, 0.015, frame.shape)
+        frames[t] = np.clip((frame + grain) * 255, 0, 255).astype(np.uint8)
+    return frames
+
+
+def _box_blur(image: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 window on the two leading axes (edges clamped), by cumulative sums."""
+    for axis in (0, 1):
+        padded = np.concatenate([np.repeat(image.take([0], axis), radius + 1, axis), image,
+                                 np.repeat(image.take([-1], axis), radius, axis)], axis)
+        summed = np.cumsum(padded, axis)
+        n = image.shape[axis]
+        image = (summed.take(range(2 * radius + 1, 2 * radius + 1 + n), axis)
+                 - summed.take(range(0, n), axis)) / (2 * radius + 1)
+    return image
+
+
 def indexed_frames(num_frames: int, height: int = 64, width: int = 64) -> np.ndarray:
     """uint8 (num_frames, H, W, 3); frame i is a flat colour encoding i (see `frame_index`)."""
     if not 1 <= num_frames <= MAX_INDEXED_FRAMES:

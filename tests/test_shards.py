@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from shards.build import build_split
-from shards.encode import EncodedSample, EncodeOptions
+from shards.encode import EncodedSample, EncodeOptions, encode_source, target_size
 from shards.manifest import Rejection, ShardFormatError, read_frames, read_index, read_manifest, read_member_bytes, read_video
 from shards.sources import Source, read_list
 from shards.synthetic import frame_index, indexed_frames, write_frame_folder, write_video
@@ -168,10 +168,10 @@ def test_pack_decodes_with_dali_cpu(dataset, tmp_path, list_name, layout):
             frames = _dali_decode_images(read_frames(entry, list(range(entry.num_frames))))
             assert len(frames) == entry.num_frames
             assert all(f.shape == (entry.height, entry.width, 3) for f in frames)
-        if not source.is_frame_folder or layout == "video":
+        if not source.is_frame_folder:
             assert min(entry.width, entry.height) == SHORT_SIDE
-        else:
-            assert (entry.width, entry.height) == (48, 36)  # frame-folder JPEGs are stored as they are
+        else:  # frame-folder JPEGs are stored as they are; 48x36 frames are below the short side: not upscaled
+            assert (entry.width, entry.height) == (48, 36)
         # the source's own size is kept: the official scaled frame is computed from it, not from the stored
         source_size = (48, 36) if source.is_frame_folder else _video_size(dataset["root"] / source.path)
         assert (entry.source_width, entry.source_height) == source_size
@@ -285,7 +285,7 @@ def test_cli_workers_match_and_strict_exit(dataset, tmp_path):
     assert one == two  # same shard bytes with 1 or 2 workers
     manifest = read_manifest(tmp_path / "two", "train")
     assert manifest.classes == ["riding", "talking", "waving"]
-    assert manifest.encoding["quality"] == 75 and len(manifest.rejected) == 7
+    assert manifest.encoding["quality"] == 95 and len(manifest.rejected) == 7
     shard_labels = [{e.label for e in read_index(p)} for p in manifest.index_paths()]
     assert manifest.num_samples == 3 and sum(map(len, shard_labels)) >= 3
     assert make_shards.main([str(root / "missing_list.txt"), "--out", str(tmp_path / "x"), *common]) == 2
@@ -500,3 +500,29 @@ def test_dali_reads_frame_i_as_source_frame_i(tmp_path, layout):
         p.build()
         decoded = np.asarray(p.run()[0][0])
     assert [frame_index(f) for f in decoded] == wanted
+
+
+def test_default_jpeg_quality_is_the_official_extractions_95(tmp_path):
+    """mmaction2 extracts frames with OpenCV's default quality 95: the default stores the same tables."""
+    assert EncodeOptions().quality == 95
+    assert make_shards.parse_args(["list.txt", "--root", ".", "--out", "o"]).quality == 95
+    write_video(tmp_path / "v.mp4", indexed_frames(4, 64, 80))
+    sample = encode_source(Source(key="v", path="v.mp4", label=0), tmp_path, EncodeOptions())
+    reference = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(reference, "JPEG", quality=95)
+    with Image.open(io.BytesIO(sample.frames[0])) as stored, Image.open(reference) as official:
+        assert stored.quantization == official.quantization
+
+
+@pytest.mark.parametrize("layout", ["frames", "video"])
+def test_a_video_smaller_than_the_short_side_is_not_upscaled(tmp_path, layout):
+    write_video(tmp_path / "small.mp4", indexed_frames(30, 48, 64))
+    sample = encode_source(Source(key="small", path="small.mp4", label=0), tmp_path, EncodeOptions(layout=layout))
+    assert isinstance(sample, EncodedSample)
+    meta = sample.meta
+    assert (meta["width"], meta["height"]) == (64, 48)  # short side 48 < 256: stored as it is
+    assert (meta["source_width"], meta["source_height"]) == (64, 48)  # the pipelines scale from these
+    if layout == "frames":
+        assert sample.num_bytes < 30 * 3000  # 342x256 upscaled frames took ~19 KB each
+    assert target_size(640, 360, 256) == (456, 256) and target_size(360, 640, 256) == (256, 456)
+    assert target_size(64, 48, 256) == (64, 48) and target_size(300, 256, 256) == (300, 256)

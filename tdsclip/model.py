@@ -30,6 +30,9 @@ from torch import nn
 
 HEAD_WIDTH = 64  # CLIP ViTs and the official side attention both use 64-wide heads
 TD_REDUCTION = 16  # the TD gate squeezes channels by this factor
+# side_dim by backbone width, as the official configs pair them: 320 with ViT-B/16 (width 768), 512 with
+# ViT-L/14 (width 1024); B/32 and L/14-336 share those widths.
+OFFICIAL_SIDE_DIMS = {768: 320, 1024: 512}
 
 
 def _clip_vision_sizes(arch: str) -> dict[str, int]:
@@ -58,7 +61,8 @@ class ModelConfig:
 
     ``arch`` names an open_clip ViT ("ViT-B-16", ...) whose sizes fill ``width, layers, heads,
     patch_size, image_size``; with ``arch=None`` those five must be given. ``side_dim`` is the side
-    network width (official: 320 for B/16, 512 for L/14). ``frames_per_segment`` is the odd window of
+    network width; unset, it is the official one for the backbone width (``OFFICIAL_SIDE_DIMS``: 320
+    for B/16, 512 for L/14), and other widths must set it. ``frames_per_segment`` is the odd window of
     consecutive frames around each sampled frame (official: 5). ``dropout`` is applied before the
     classifier. ``quick_gelu`` selects the OpenAI backbone activation (False for open_clip models
     trained with nn.GELU).
@@ -70,7 +74,7 @@ class ModelConfig:
     heads: int | None = None
     patch_size: int | None = None
     image_size: int | None = None
-    side_dim: int = 320
+    side_dim: int | None = None  # None: OFFICIAL_SIDE_DIMS[width]; resolved in __post_init__
     num_segments: int = 8
     frames_per_segment: int = 5
     num_classes: int = 400
@@ -85,10 +89,9 @@ class ModelConfig:
                 if given is not None and given != value:
                     raise ValueError(f"model.{name}={given} conflicts with model.arch={self.arch!r} ({value})")
                 setattr(self, name, value)
-        for name in sizes + ("side_dim", "num_segments", "frames_per_segment", "num_classes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"model.{name} must be a positive integer (got {value!r})")
+        self._check_positive_ints(sizes)
+        self._resolve_side_dim()
+        self._check_positive_ints(("side_dim", "num_segments", "frames_per_segment", "num_classes"))
         if self.width % self.heads:
             raise ValueError(f"model.width={self.width} must be divisible by model.heads={self.heads}")
         if self.patch_size < 3:
@@ -106,6 +109,22 @@ class ModelConfig:
             raise ValueError(f"model.frames_per_segment must be odd and at least 3 (got {self.frames_per_segment})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1) (got {self.dropout})")
+
+    def _check_positive_ints(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model.{name} must be a positive integer (got {value!r})")
+
+    def _resolve_side_dim(self) -> None:
+        """An unset side_dim becomes the official one for this backbone width (widths checked already)."""
+        if self.side_dim is not None:
+            return
+        if self.width not in OFFICIAL_SIDE_DIMS:
+            known = ", ".join(f"{d} for width {w}" for w, d in OFFICIAL_SIDE_DIMS.items())
+            raise ValueError(f"model.side_dim must be set for a backbone of width {self.width} "
+                             f"(official values exist only for the CLIP widths: {known})")
+        self.side_dim = OFFICIAL_SIDE_DIMS[self.width]
 
     @property
     def side_heads(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -243,8 +244,29 @@ def test_arch_fills_sizes():
     assert config.side_heads == 8 and config.grid_size == 24
 
 
+@pytest.mark.parametrize("arch, side_dim", [("ViT-B-16", 320), ("ViT-B-32", 320), ("ViT-L-14", 512),
+                                             ("ViT-L-14-336", 512)])
+def test_side_dim_defaults_to_the_official_width_for_the_arch(arch, side_dim):
+    assert tdsclip.ModelConfig(arch=arch).side_dim == side_dim
+    assert tdsclip.ModelConfig(arch=arch, side_dim=128).side_dim == 128  # an explicit value wins
+    custom = dict(arch=None, width=768, layers=2, heads=12, patch_size=16, image_size=32)
+    assert tdsclip.ModelConfig(**custom).side_dim == 320  # by width, not by name
+
+
+def test_saved_explicit_side_dim_loads_identically(tmp_path):
+    """Checkpoints and run configs store the resolved side_dim: an explicit one, official or not, stays."""
+    for side_dim in (512, 320):  # 320 with L/14 is not the official pairing; it must survive a reload
+        saved = dataclasses.asdict(tdsclip.ModelConfig(arch="ViT-L-14", side_dim=side_dim))
+        assert saved["side_dim"] == side_dim and tdsclip.ModelConfig(**saved).side_dim == side_dim
+    tiny = tdsclip.build_model(tdsclip.tiny_config(layers=1))
+    tdsclip.save_model(tiny, tmp_path / "tiny.pt")
+    assert tdsclip.load_model(tmp_path / "tiny.pt").config == tiny.config
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(arch="ViT-B-16", width=512), "model.width=512 conflicts with model.arch"),
+    (dict(arch=None, width=64, layers=2, heads=1, patch_size=8, image_size=32),
+     "model.side_dim must be set for a backbone of width 64"),
     (dict(arch="RN50"), "model.arch='RN50' is not a plain open_clip ViT"),
     (dict(arch=None, width=64, layers=2, heads=1, patch_size=8), "model.image_size must be a positive integer"),
     (dict(num_segments=0), "model.num_segments must be a positive integer"),
@@ -252,8 +274,10 @@ def test_arch_fills_sizes():
     (dict(side_dim=8), "model.side_dim must be at least 16"),
     (dict(side_dim=131), "model.side_dim must be at least 16 and divisible"),
     (dict(dropout=1.0), r"model.dropout must be in \[0, 1\)"),
-    (dict(arch=None, width=64, layers=2, heads=3, patch_size=8, image_size=32), "divisible by model.heads=3"),
-    (dict(arch=None, width=64, layers=2, heads=1, patch_size=8, image_size=36), "multiple of model.patch_size"),
+    (dict(arch=None, width=64, layers=2, heads=3, patch_size=8, side_dim=64, image_size=32),
+     "divisible by model.heads=3"),
+    (dict(arch=None, width=64, layers=2, heads=1, patch_size=8, side_dim=64, image_size=36),
+     "multiple of model.patch_size"),
 ])
 def test_config_errors_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message):

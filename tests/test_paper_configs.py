@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tdsclip.config import load_config
 
@@ -22,3 +23,12 @@ def test_paper_test_views_are_the_default(path):
     """launch.py --test and tools/predict.py read eval.test_crops x eval.test_clips from the config."""
     config = load_config(path)
     assert (config.eval.test_crops, config.eval.test_clips) == PAPER_VIEWS[path.parent.name]
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_side_dim_follows_from_arch(path):
+    """The official pairing (B/16: 320, L/14: 512) comes from the model code, not from each YAML."""
+    config = load_config(path)
+    assert "side_dim" not in yaml.safe_load(path.read_text())["model"]
+    assert config.model.side_dim == {"ViT-B-16": 320, "ViT-L-14": 512}[config.model.arch]
+    assert load_config(path, ["model.side_dim=128"]).model.side_dim == 128

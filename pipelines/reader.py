@@ -173,7 +173,12 @@ MAX_HEADER_STEPS = 256  # marker steps before SOS; real headers take ~10, damage
 
 def jpeg_headers_ok(buffer: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Per frame buffer[start:start + size]: whether it opens with SOI and a chain of marker segments
-    that reaches the start of scan (SOS) after a frame header (SOFn), within MAX_HEADER_STEPS.
+    that reaches the start of scan (SOS) after a frame header (SOFn), within MAX_HEADER_STEPS."""
+    return _walk_headers(buffer, starts, sizes)[0]
+
+
+def _walk_headers(buffer: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(header ok (N,) bool, where each frame's scan data starts (N,) int64: just past its SOS segment).
 
     All frames are walked in lockstep, one segment per step, so a batch costs ~10 numpy steps (a
     header has ~10 segments), not a Python loop per frame. Reads never leave a frame's bytes.
@@ -181,6 +186,7 @@ def jpeg_headers_ok(buffer: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -
     starts, sizes = np.asarray(starts, np.int64), np.asarray(sizes, np.int64)
     ends = starts + sizes
     ok, has_frame, alive = np.zeros(len(starts), bool), np.zeros(len(starts), bool), sizes >= 4
+    scan_start = ends.copy()
     index = np.flatnonzero(alive)
     alive[index] = (buffer[starts[index]] == 0xFF) & (buffer[starts[index] + 1] == 0xD8)
     at = starts + 2
@@ -199,8 +205,39 @@ def jpeg_headers_ok(buffer: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -
         length = buffer[pos + 2].astype(np.int64) << 8 | buffer[pos + 3]
         step = np.where(marker == 0xFF, 1, np.where(np.isin(marker, _STANDALONE_MARKERS), 2, 2 + length))
         at[index] = pos + step
+        scan_start[index[scan]] = at[index[scan]]
         alive[index] = valid & ~scan
-    return ok
+    return ok, scan_start
+
+
+JPEG_OK, JPEG_BAD_HEADER, JPEG_BAD_END = 0, 1, 2
+JPEG_PROBLEMS = {JPEG_BAD_HEADER: "is not a JPEG (its header is damaged)",
+                 JPEG_BAD_END: "is damaged past its header (no scan data ending in the end-of-image marker: "
+                               "cut short or overwritten)"}
+
+
+def jpeg_problems(buffer: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Per frame buffer[start:start + size]: JPEG_OK, JPEG_BAD_HEADER (see jpeg_headers_ok) or JPEG_BAD_END
+    (no end-of-image marker FF D9 after at least one byte of scan data).
+
+    The end matters because decoders do not fail on a JPEG cut short or zeroed past its header:
+    libjpeg warns (naming no sample) and fills the missing rows with grey. Scan data cannot hold
+    FF D9 (an FF there is followed by 00 or a restart marker), so an EOI after the scan start is the
+    image's end. Frames whose last two bytes are EOI pass in numpy; only the rare others (bytes
+    trailing the EOI, or damage) are searched, one bytes.find each. Damage inside the scan data
+    that keeps the EOI is not found here (it decodes to wrong pixels, as with any JPEG reader).
+    """
+    starts, sizes = np.asarray(starts, np.int64), np.asarray(sizes, np.int64)
+    ends = starts + sizes
+    header_ok, scan_start = _walk_headers(buffer, starts, sizes)
+    problems = np.where(header_ok, JPEG_OK, JPEG_BAD_HEADER).astype(np.int8)
+    last = np.where(header_ok, ends - 2, starts)  # in-frame indices (a good header is > 4 bytes)
+    ends_in_eoi = header_ok & (buffer[last] == 0xFF) & (buffer[last + 1] == 0xD9) & (scan_start < ends - 2)
+    for i in np.flatnonzero(header_ok & ~ends_in_eoi):
+        eoi = buffer[scan_start[i]:ends[i]].tobytes().find(b"\xff\xd9")
+        if eoi < 1:  # none, or no scan data before it
+            problems[i] = JPEG_BAD_END
+    return problems
 
 
 def check_sample(files: ShardFiles, sample: Sample, frames: np.ndarray) -> None:
@@ -215,8 +252,9 @@ def check_sample(files: ShardFiles, sample: Sample, frames: np.ndarray) -> None:
             for frame in np.unique(frames):
                 offset, size = sample.ranges[frame]
                 data = files.pread(sample.tar, sample.key, offset, size)
-                if not jpeg_headers_ok(data, [0], [len(data)])[0]:  # what the source refuses to give DALI
-                    raise ValueError(f"frame {int(frame)} ({int(size)} bytes) is not a JPEG (its header is damaged)")
+                problem = int(jpeg_problems(data, [0], [len(data)])[0])  # what the source refuses to give DALI
+                if problem != JPEG_OK:
+                    raise ValueError(f"frame {int(frame)} ({int(size)} bytes) {JPEG_PROBLEMS[problem]}")
                 try:
                     Image.open(io.BytesIO(data.tobytes())).load()
                 except UnidentifiedImageError:

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipelines.plan import Planner
-from pipelines.reader import ShardFiles, ShardReadError, jpeg_headers_ok
+from pipelines.reader import JPEG_PROBLEMS, ShardFiles, ShardReadError, jpeg_problems
 
 MODES = ("frame", "video")
 MERGE_GAP = 4096  # bytes: a tar header (512) plus padding (< 512) between adjacent frames, with room
@@ -159,19 +159,20 @@ class ClipSource:
 
 
 def _check_jpegs(buffer: np.ndarray, starts: list[int], jpegs: list[np.ndarray], clips: list) -> None:
-    """Raise ShardReadError unless every frame has a well-formed JPEG header (see jpeg_headers_ok).
+    """Raise ShardReadError naming the shard, key and frame unless every frame is a whole JPEG (see
+    jpeg_problems): the loader then names the sample once, or skips it (data.on_error).
 
-    DALI 2.4's CPU image decoder can crash the process (a segfault, not an error) when a batch of more
-    than ~60 images, i.e. any batch at 8 segments, holds one whose header it cannot parse; damaged
-    headers are therefore stopped here. The loader then names the sample, or skips it. (Damage past
-    the header decodes to wrong pixels without an error, as with any JPEG reader.)
+    Damaged headers must never reach DALI: its 2.4 CPU image decoder can crash the process (a segfault,
+    not an error) when a batch of more than ~60 images, i.e. any batch at 8 segments, holds one whose
+    header it cannot parse. A JPEG cut short or zeroed past its header decodes with a libjpeg warning
+    per frame that names no sample, into grey rows: it is refused here too.
     """
-    ok = jpeg_headers_ok(buffer, np.asarray(starts), np.fromiter(map(len, jpegs), np.int64, len(jpegs)))
-    if not ok.all():
-        i = int(np.argmin(ok))
+    problems = jpeg_problems(buffer, np.asarray(starts), np.fromiter(map(len, jpegs), np.int64, len(jpegs)))
+    if problems.any():
+        i = int(np.flatnonzero(problems)[0])
         sample, frames = clips[i // len(clips[0][1])]
         raise ShardReadError(f"{sample.tar}: sample {sample.key!r}: frame {int(frames[i % len(frames)])} "
-                             f"is not a JPEG (its header is damaged)")
+                             f"{JPEG_PROBLEMS[int(problems[i])]}")
 
 
 def _frame_spans(ranges: np.ndarray) -> tuple[list, list]:

@@ -373,19 +373,20 @@ def _corrupt(directory: Path, key: str, frame: int, start: int = 0, stop: int | 
                             if key in p.read_text()).read_text())
     entry = next(s for s in index["samples"] if s["key"] == key)
     offset, size = entry["frames"][frame]
-    stop = size if stop is None else stop
+    start, stop = start % size, size if stop is None else stop  # a negative start counts from the end
     with open(directory / index["tar"], "r+b") as tar:
         tar.seek(offset + start)
         tar.write(bytes([fill]) * (stop - start))
 
 
-@pytest.fixture(params=["zeroed", "header", "junk"])
+@pytest.fixture(params=["zeroed", "header", "junk", "tail"])
 def broken_shards(tmp_path, request):
     """v002's frames zeroed, or only their headers (the start-of-image marker kept), or with an APP0
     length of 2, which leaves its payload where the next marker should be (PIL skips such junk, the
-    source's header check does not: the re-check must agree with the source)."""
+    source's header check does not: the re-check must agree with the source), or their last 4 bytes
+    (the end of the scan data and the end-of-image marker: a decoder warns and goes on)."""
     write_shards(tmp_path, "test", indexed_videos(4, frames=6))
-    damage = {"zeroed": (0, None), "header": (2, 200), "junk": (5, 6, 0x02)}[request.param]
+    damage = {"zeroed": (0, None), "header": (2, 200), "junk": (5, 6, 0x02), "tail": (-4, None)}[request.param]
     for frame in range(6):
         _corrupt(tmp_path, "v002", frame, *damage)
     return tmp_path
@@ -563,6 +564,48 @@ def test_jpeg_header_check():
         sizes = np.array([len(frames[n]) for n in order])
         ok = jpeg_headers_ok(np.concatenate([frames[n] for n in order]), np.cumsum(sizes) - sizes, sizes)
         assert dict(zip(order, ok.tolist())) == {n: i < good for i, n in enumerate(names)}
+
+
+def test_jpeg_problems_find_damage_past_the_header():
+    from pipelines.reader import JPEG_BAD_END, JPEG_BAD_HEADER, JPEG_OK, jpeg_problems
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=75, progressive=True)
+    jpeg = np.frombuffer(buffer.getvalue(), np.uint8)
+    sos = next(i for i in range(len(jpeg) - 1) if jpeg[i] == 0xFF and jpeg[i + 1] == 0xDA)
+    zeroed_tail = jpeg.copy()
+    zeroed_tail[sos + 200:] = 0
+    header_only = np.concatenate([jpeg[:sos + 14], [0xFF, 0xD9]]).astype(np.uint8)  # SOS segment, then EOI
+    frames = {"whole": (jpeg, JPEG_OK), "bytes after the end marker": (np.concatenate([jpeg, np.zeros(70, np.uint8)]),
+                                                                       JPEG_OK),
+              "zeroed tail": (zeroed_tail, JPEG_BAD_END), "cut short": (jpeg[:-40], JPEG_BAD_END),
+              "no scan data": (header_only, JPEG_BAD_END),
+              "no header": (jpeg[2:], JPEG_BAD_HEADER)}
+    sizes = np.array([len(frame) for frame, _ in frames.values()])
+    problems = jpeg_problems(np.concatenate([frame for frame, _ in frames.values()]), np.cumsum(sizes) - sizes, sizes)
+    assert dict(zip(frames, problems.tolist())) == {name: code for name, (_, code) in frames.items()}
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_jpeg_damaged_past_its_header_is_named_once_or_skipped(tmp_path, capfd, on_error):
+    """Textured frames (a scan of several KB) zeroed from the middle of their scan data on, or cut short by
+    a shorter member: without the end check DALI decodes them with one libjpeg warning per frame."""
+    rng = np.random.default_rng(1)
+    videos = [{"key": f"n{i}", "label": 0, "frames": [rng.integers(0, 255, (24, 32, 3), np.uint8)] * 6}
+              for i in range(3)]
+    write_shards(tmp_path, "val", videos)
+    for frame in range(6):
+        _corrupt(tmp_path, "n1", frame, -300)
+    data = pipelines.loader(tmp_path, "val", 3, num_segments=2, num_threads=1, on_error=on_error, **SIZE)
+    if on_error == "raise":
+        with pytest.raises(pipelines.ShardReadError, match=r"val-000000\.tar: sample 'n1': .*frame \d+ .*is damaged "
+                                                           r"past its header"):
+            list(data)
+    else:
+        valid = [k for b in data for k, ok in zip(b["key"], b["valid"].tolist()) if ok]
+        assert valid == ["n0", "n2"] and [s.rsplit(":", 1)[1] for s in data.skipped] == ["n1"]
+    assert "Corrupt JPEG" not in capfd.readouterr().err  # nothing reached the decoder
 
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])

@@ -165,20 +165,24 @@ def test_normalization_matches_clip_mean_std(tmp_path):
     assert torch.allclose(got, expected, atol=0.05), (got, expected)
 
 
-def test_flip_swaps_labels_exactly_when_mirrored(tmp_path):
-    videos = [{"key": f"g{i}", "label": i % 2, "frames": [gradient_image()] * 8} for i in range(8)]
+def test_flip_swaps_labels_exactly_when_mirrored_and_batches_say_which(tmp_path):
+    videos = [{"key": f"g{i}", "label": i % 3, "frames": [gradient_image()] * 8} for i in range(12)]
     write_shards(tmp_path, "train", videos)
     data = pipelines.loader(tmp_path, "train", 4, num_segments=1, num_sample=2, flip="swap",
-                            flip_label_map={0: 1, 1: 0}, num_threads=1, seed=5, **SIZE)
-    flips = []
+                            flip_label_map={0: 1, 1: 0}, num_threads=1, seed=5, **SIZE)  # label 2 has no mirror class
+    flips, swaps = [], []
     for batch in data:
         frame = batch["clips"][:, 0, 2, 0]  # (B, S, S) red channel of one frame per view
         mirrored = (frame[:, :, :4].mean((1, 2)) > frame[:, :, -4:].mean((1, 2))).tolist()
-        true_label = [int(k[1:]) % 2 for k in batch["key"]]
-        for flipped, label, truth in zip(mirrored, batch["label"].tolist(), true_label):
-            assert label == (1 - truth if flipped else truth)
+        truth = [int(k[1:]) % 3 for k in batch["key"]]
+        assert batch["flipped"].dtype == batch["label_swapped"].dtype == torch.bool
+        assert batch["flipped"].tolist() == mirrored  # what the TensorBoard images are told
+        assert batch["label_swapped"].tolist() == [f and t != 2 for f, t in zip(mirrored, truth)]
+        for flipped, label, true in zip(mirrored, batch["label"].tolist(), truth):
+            assert label == ({0: 1, 1: 0}.get(true, true) if flipped else true)
         flips += mirrored
-    assert 0 < sum(flips) < len(flips)
+        swaps += batch["label_swapped"].tolist()
+    assert 0 < sum(swaps) < sum(flips) < len(flips)
 
 
 @pytest.mark.parametrize("layout", ["frames", "video"])

@@ -105,6 +105,7 @@ def test_ten_crops_alternate_plain_and_mirrored(gradient_shards):
     views = batch["clips"][:, 0, 2, 0]  # (10, S, S) red channel
     increasing = (views[:, :, -3:].mean((1, 2)) > views[:, :, :3].mean((1, 2))).tolist()
     assert increasing == [True, False] * 5
+    assert batch["flipped"].tolist() == [False, True] * 5 and not batch["label_swapped"].any()
     torch.testing.assert_close(views[1], views[0].flip(-1), atol=0.05, rtol=0)
 
 

@@ -2,7 +2,8 @@
 """Recognize the actions in your videos with trained TDS-CLIP weights: the top classes of each video.
 
     python tools/predict.py clip1.mp4 clip2.webm frames_folder/ --cfg configs/k400/vitb16.yaml \
-        --weights runs/k400_vitb16/best.pt --classes lists/kinetics_400_labels.csv --test-crops 3 --test-clips 4
+        --weights runs/k400_vitb16/best.pt --classes lists/kinetics_400_labels.csv --test-crops 3 --test-clips 4 \
+        [key.sub=value ...] [--json OUT.json] [--sheet OUT.png]
 
 The inputs (video files, or folders of frames named by --image-tmpl) are packed into a temporary test
 shard as tools/make_shards.py packs them, read by the multi-view test pipeline of `launch.py --test`
@@ -10,6 +11,11 @@ with the config's data settings (sampling, resize, eval.test_crops x eval.test_c
 with the softmax averaged over each video's views, as the official test does. Class names come from
 --classes, else from the config's training shards (data.shards), else they are the class numbers.
 Inputs that cannot be decoded are named with the reason; the others are still scored.
+
+Config overrides are positional, as launch.py's: an argument `key.sub=value` whose key starts with a
+config section or key (model., data., eval., seed, ...) is an override, unless a file or folder of
+that name exists. --sheet draws each input's frames (its first view's segment centres, as the model
+saw them) next to its top classes as bars.
 """
 
 from __future__ import annotations
@@ -23,30 +29,36 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipelines  # noqa: E402
-from atomicfile import atomic_write_text  # noqa: E402
-from shards.build import build_split  # noqa: E402
-from shards.encode import EncodeOptions  # noqa: E402
-from shards.manifest import ShardFormatError  # noqa: E402
-from shards.sources import IMAGE_TMPL, ListFormatError, Source, make_key, read_labels  # noqa: E402
-from tdsclip.build import build_test_loader, test_view_note, train_classes  # noqa: E402
-from tdsclip.config import ConfigError, RunConfig, load_config  # noqa: E402
-from tdsclip.distributed import World  # noqa: E402
-from tdsclip.train import video_probabilities  # noqa: E402
-from tdsclip.weights import CheckpointError, load_model  # noqa: E402
+import pipelines
+from atomicfile import atomic_write, atomic_write_text
+from shards.build import build_split
+from shards.encode import EncodeOptions
+from shards.manifest import ShardFormatError, read_manifest
+from shards.sources import IMAGE_TMPL, ListFormatError, Source, make_key, read_labels
+from tdsclip import pictures
+from tdsclip.build import build_test_loader, load_test_model, test_view_note
+from tdsclip.config import ConfigError, RunConfig, load_config
+from tdsclip.distributed import World
+from tdsclip.evaluate import video_probabilities
+from tdsclip.weights import CheckpointError
+
+SHEET_TILE = 112  # px: larger frames are shrunk to this in --sheet
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line; --test-crops/--test-clips become eval.* overrides, validated with the config."""
+    """The command line: positional inputs and `key.sub=value` overrides told apart by `is_override`;
+    --test-crops/--test-clips become eval.* overrides, validated with the config."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="video files, or folders of frames")
+    p.add_argument("inputs", nargs="+", metavar="INPUT or key.sub=value",
+                   help="video files, or folders of frames; and config overrides, e.g. data.resize=256")
     p.add_argument("--cfg", required=True, help="the YAML config the weights were trained with (its data settings)")
     p.add_argument("--weights", required=True, help="this project's checkpoint or an official TDS-CLIP one")
     p.add_argument("--classes", type=Path, help="an 'id,name' labels CSV (default: the classes of data.shards)")
@@ -58,15 +70,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-tmpl", default=IMAGE_TMPL,
                    help="frame file names in frame folders, numbered from 1 (default: %(default)s)")
     p.add_argument("--json", type=Path, help="also write the predictions here")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override, e.g. data.resize=256 (repeatable)")
-    args = p.parse_args(argv)
+    p.add_argument("--sheet", type=Path, metavar="OUT.png", help="also draw each input's frames and top classes here")
+    p.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)  # older form of the overrides
+    args = p.parse_intermixed_args(argv)  # inputs and overrides may come before and after the options
     if args.top < 1:
         p.error("--top must be >= 1")
+    args.override += [item for item in args.inputs if is_override(item)]
+    args.inputs = [item for item in args.inputs if not is_override(item)]
+    if not args.inputs:
+        p.error("no inputs: give video files or frame folders (key.sub=value arguments are config overrides)")
     for flag in ("test_crops", "test_clips"):  # validated with the config, like launch.py's
         if getattr(args, flag) is not None:
             args.override.append(f"eval.{flag}={getattr(args, flag)}")
     return args
+
+
+def is_override(argument: str) -> bool:
+    """Whether a positional argument is a config override: `key.sub=value` (or `key=value`) whose key starts
+    with a config section or key, and no file or folder of that name exists (an input then)."""
+    key, equals, _ = argument.partition("=")
+    sections = {field.name for field in dataclasses.fields(RunConfig)}
+    return bool(equals) and key.split(".")[0] in sections and not os.path.exists(argument)
 
 
 def input_sources(inputs: list[str], image_tmpl: str) -> tuple[list[tuple[str, Source]], list[tuple[str, str]]]:
@@ -103,7 +127,7 @@ def class_names(config: RunConfig, labels: list[str] | None, labels_csv: Path | 
         if len(labels) != num_classes:
             raise ListFormatError(f"{labels_csv}: {len(labels)} classes, but the weights have {num_classes}")
         return labels
-    names = train_classes(config) or []
+    names = training_classes(config)
     if len(names) == num_classes:
         return names
     print(f"note: class numbers shown: no --classes, and data.shards ({Path(config.data.shards).resolve()}) "
@@ -111,10 +135,19 @@ def class_names(config: RunConfig, labels: list[str] | None, labels_csv: Path | 
     return [str(i) for i in range(num_classes)]
 
 
+def training_classes(config: RunConfig) -> list[str]:
+    """The class names of the training manifest (data.shards, data.train_split); none where it cannot be read."""
+    try:
+        return read_manifest(config.data.shards, config.data.train_split, check_files=False).classes
+    except (OSError, ShardFormatError):
+        return []
+
+
 def predict(model: torch.nn.Module, config: RunConfig, sources: list[Source], encode: EncodeOptions, workdir: Path,
-            world: World, progress: Progress | None = None) -> tuple[dict, dict]:
+            world: World, progress: Progress | None = None, frames: dict | None = None) -> tuple[dict, dict]:
     """({key: class probabilities (numpy)}, {source path: why it was not scored}) for `sources`, packed into
-    `workdir` with `encode` and read by the test pipeline of `launch.py --test`; `progress` shows both."""
+    `workdir` with `encode` and read by the test pipeline of `launch.py --test`; `progress` shows both.
+    `frames`, when a dict, gets each video's first-view segment centre frames (see `recording`)."""
     # Worker processes each import torch and DALI (~3 s): worth it only for many inputs.
     workers = max(1, min(os.cpu_count() or 1, len(sources) // 16))
     def ticker(description: str, total: int) -> Callable[..., None]:
@@ -123,7 +156,8 @@ def predict(model: torch.nn.Module, config: RunConfig, sources: list[Source], en
         task = progress.add_task(description, total=total)
         return lambda *_: progress.advance(task)
 
-    manifest = build_split(sources, "/", workdir, ["unknown"], encode, split="test", workers=workers,
+    classes = [str(c) for c in range(model.config.num_classes)]  # the weights' classes; the labels (0) are unknown
+    manifest = build_split(sources, "/", workdir, classes, encode, split="test", workers=workers,
                            on_result=ticker("packing", len(sources)))
     failed = {rejection.source: rejection.reason for rejection in manifest.rejected}
     if not manifest.num_samples:
@@ -133,7 +167,8 @@ def predict(model: torch.nn.Module, config: RunConfig, sources: list[Source], en
     probabilities = {}
     scored = ticker("scoring", len(loader))
     try:
-        for keys, probs, _, valid in video_probabilities(model, loader, views=loader.views,
+        batches = loader if frames is None else recording(loader, loader.views, frames)
+        for keys, probs, _, valid in video_probabilities(model, batches, views=loader.views,
                                                          num_classes=model.config.num_classes, device=world.device,
                                                          precision=config.eval.precision):
             for key, row, ok in zip(keys, probs.cpu().numpy(), valid.tolist()):
@@ -147,6 +182,15 @@ def predict(model: torch.nn.Module, config: RunConfig, sources: list[Source], en
     return probabilities, failed
 
 
+def recording(loader: Iterable[dict], views: int, frames: dict) -> Iterator[dict]:
+    """The loader's batches, keeping in `frames` each video's first view as the model sees it: {key: its
+    segments' centre frames (T, S, S, 3) uint8}."""
+    for batch in loader:
+        for key, clip in zip(batch["key"][::views], batch["clips"][::views]):  # clip: (T, M, 3, S, S)
+            frames.setdefault(key, pictures.denormalize(clip[:, clip.shape[1] // 2]))
+        yield batch
+
+
 @contextlib.contextmanager
 def progress_bar() -> Iterator[Progress | None]:
     """A progress bar on stderr when it is a terminal (stdout keeps the results only), else None."""
@@ -158,13 +202,54 @@ def progress_bar() -> Iterator[Progress | None]:
         yield progress
 
 
-def check_output(path: Path) -> None:
+def check_output(path: Path, flag: str) -> None:
     """Refuse an output path that cannot be written before any work is done."""
     if path.is_dir():
-        raise ValueError(f"--json {path}: is a directory")
+        raise ValueError(f"{flag} {path}: is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(path.parent, os.W_OK):
-        raise ValueError(f"--json {path}: cannot write in {path.parent}")
+        raise ValueError(f"{flag} {path}: cannot write in {path.parent}")
+
+
+def rank_classes(usable: list[tuple[str, Source]], probabilities: dict, failed: dict, names: list[str],
+                 top: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(results, skipped): each scored input's `top` classes, most probable first; the others, with why."""
+    results, skipped = [], []
+    for name, source in usable:
+        if source.key not in probabilities:
+            skipped.append((name, failed.get(source.path, "not scored")))
+            continue
+        probs = probabilities[source.key]
+        results.append({"input": name, "key": source.key,
+                        "top": [{"class": int(c), "name": names[c], "probability": float(probs[c])}
+                                for c in probs.argsort()[::-1][:top]]})
+    return results, skipped
+
+
+def write_sheet(path: Path, results: list[dict], frames: dict) -> None:
+    """Each result's frames (tiles of at most SHEET_TILE px) next to its top classes as bars, one per row."""
+    rows = []
+    for result in results:
+        images = frames[result["key"]]  # (T, S, S, 3) uint8
+        if images.shape[1] > SHEET_TILE:
+            images = np.stack([np.asarray(Image.fromarray(i).resize((SHEET_TILE, SHEET_TILE), Image.BILINEAR))
+                               for i in images])
+        rows.append(pictures.predict_row(images, title=result["input"],
+                                         top=[(t["name"], t["probability"]) for t in result["top"]]))
+    atomic_write(path, lambda f: Image.fromarray(pictures.predict_sheet(rows)).save(f, format="PNG"))
+
+
+def score(model: torch.nn.Module, config: RunConfig, encode: EncodeOptions,
+          usable: list[tuple[str, Source]], device: torch.device, frames: dict | None) -> tuple[dict, dict]:
+    """predict() on the usable inputs in a temporary directory, with a progress bar; SIGTERM as Ctrl-C."""
+    world = World(rank=0, world_size=1, local_rank=0, device=device)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the temporary shard goes
+    try:
+        with tempfile.TemporaryDirectory(prefix="tdsclip_predict_") as workdir, progress_bar() as progress:
+            return predict(model, config, [source for _, source in usable], encode, Path(workdir), world, progress,
+                           frames) if usable else ({}, {})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,42 +259,32 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything that can be checked before the work
         encode = EncodeOptions(short_side=args.short_side, image_tmpl=args.image_tmpl)
         config = load_config(args.cfg, args.override)
-        model = load_model(args.weights, num_segments=config.model.num_segments).to(device)
+        model = load_test_model(config, args.weights).to(device)
         labels = read_labels(args.classes) if args.classes else None
         names = class_names(config, labels, args.classes, model.config.num_classes)
-        if args.json:
-            check_output(args.json)
+        for path, flag in ((args.json, "--json"), (args.sheet, "--sheet")):
+            if path:
+                check_output(path, flag)
     except (ConfigError, ValueError, OSError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if note := test_view_note(config):
         print(note, file=sys.stderr)
-    usable, skipped = input_sources(args.inputs, args.image_tmpl)
-    world = World(rank=0, world_size=1, local_rank=0, device=device)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: the temporary shard goes
+    usable, missing = input_sources(args.inputs, args.image_tmpl)
+    frames = {} if args.sheet else None
     try:
-        with tempfile.TemporaryDirectory(prefix="tdsclip_predict_") as workdir, progress_bar() as progress:
-            probabilities, failed = predict(model, config, [source for _, source in usable], encode, Path(workdir),
-                                            world, progress) if usable else ({}, {})
+        probabilities, failed = score(model, config, encode, usable, device, frames)
     except (FileNotFoundError, ShardFormatError, pipelines.ShardReadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    results = []
-    for name, source in usable:
-        if source.key not in probabilities:
-            skipped.append((name, failed.get(source.path, "not scored")))
-            continue
-        probs = probabilities[source.key]
-        top = probs.argsort()[::-1][:args.top]
-        results.append({"input": name, "top": [{"class": int(c), "name": names[c], "probability": float(probs[c])}
-                                               for c in top]})
-        print(name)
-        for rank, entry in enumerate(results[-1]["top"], 1):
+    results, unscored = rank_classes(usable, probabilities, failed, names, args.top)
+    skipped = missing + unscored
+    for result in results:
+        print(result["input"])
+        for rank, entry in enumerate(result["top"], 1):
             print(f"  {rank}. {entry['name']}  {100 * entry['probability']:.1f}%")
     for name, reason in skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
@@ -218,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "test_clips": config.eval.test_clips, "predictions": results,
                                                  "skipped": [{"input": n, "reason": r} for n, r in skipped]},
                                                 indent=2))
+    if args.sheet and results:
+        write_sheet(args.sheet, results, frames)
     return 0 if results and not skipped else 1
 
 

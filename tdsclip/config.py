@@ -1,8 +1,12 @@
 """The run configuration: one typed dataclass tree, loaded from YAML and validated once.
 
 `load_config(path, overrides)` reads a YAML file into `RunConfig`, applies dotted command-line
-overrides (`optim.lr=3e-4`), and checks every key and value. Errors name the dotted key and,
-where there is a fixed set, the valid choices. Code below the edge takes plain arguments.
+overrides (`optim.lr=3e-4`), and checks every key and value: types, each number's range (finite,
+within its bounds), keys across sections (data.flip_label_map and data.resize against the model), and
+no key given twice in a YAML mapping. Every error is one line that names the file and the dotted key
+and says what is valid: the range, or the choices where there is a fixed set. A file that is not a YAML
+config (a checkpoint, other binary data, a list) is refused in one line too. Code below the edge takes
+plain arguments.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ defaults every config starts from.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import re
 import sys
@@ -30,7 +29,9 @@ import pipelines
 from atomicfile import atomic_write
 from shards.manifest import ShardFormatError
 from tdsclip import pictures
+from tdsclip.build import build_loader
 from tdsclip.config import ConfigError, RunConfig, config_from_dict, load_config
+from tdsclip.distributed import World
 
 MIN_TILE = 96  # px: smaller frames are enlarged to at least this
 
@@ -58,12 +59,10 @@ def read_config(args: argparse.Namespace) -> RunConfig:
 
 
 def make_loader(config: RunConfig, split: str, batch_size: int) -> pipelines.Loader:
-    """Rank 0's loader of `split` ("train" or "val") as the trainer builds it."""
-    data = pipelines.DataConfig(**dataclasses.asdict(config.data))  # the same fields (pipelines.config)
-    net = config.model
-    return pipelines.build_loader(data, split, batch_size=batch_size, num_segments=net.num_segments,
-                                  frames_per_segment=net.frames_per_segment, image_size=net.image_size,
-                                  seed=config.seed)
+    """Rank 0's loader of `split` ("train" or "val"), built as the trainer builds it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = World(rank=0, world_size=1, local_rank=0, device=device)
+    return build_loader(config, world, config.model.model_config(), split, batch_size)
 
 
 def first_clips(loader: pipelines.Loader, count: int) -> dict:

@@ -36,6 +36,7 @@ BAR_WIDTH = 160  # px of a probability bar at 100%
 BAR_PITCH = 16  # px from one bar to the next
 BAR_HEIGHT = 10
 NAME_WIDTH = 170  # px of the class name and percentage right of a bar
+MIN_TILE = 96  # px: batch_sheet enlarges smaller frames to at least this, by a whole factor
 
 
 # ---------------------------------------------------------------- clips
@@ -138,13 +139,20 @@ def batch_captions(batch: dict, class_names: Sequence[str], count: int) -> list[
             for label, flipped, swapped, key in zip(labels, flags["flipped"], flags["label_swapped"], keys)]
 
 
-def batch_sheet(batch: dict, class_names: Sequence[str], *, count: int = 4, scale: int = 1,
+def batch_sheet(batch: dict, class_names: Sequence[str], *, count: int = 4, scale: int | None = None,
                 columns: int | None = None) -> tuple[np.ndarray, list[str]]:
     """(sheet, captions): the first `count` clips of a loader batch (`clips` (B, T, M, 3, S, S), `label`,
-    optional `flipped` / `label_swapped` / `key`) as clip strips with their captions, on one sheet."""
+    optional `flipped` / `label_swapped` / `key`) as clip strips with their captions, on one sheet.
+    `scale` default: the smallest whole factor that makes frames MIN_TILE px or more (1 for S >= 96)."""
     captions = batch_captions(batch, class_names, count)
+    scale = scale or auto_scale(batch["clips"].shape[-1])
     strips = [clip_strip(clip, caption=caption, scale=scale) for clip, caption in zip(batch["clips"], captions)]
     return contact_sheet(strips, columns=columns), captions
+
+
+def auto_scale(size: int) -> int:
+    """The smallest whole factor that enlarges `size` px frames to MIN_TILE px or more (1 if already)."""
+    return max(1, math.ceil(MIN_TILE / size))
 
 
 def _class_name(class_names: Sequence[str], label: int) -> str:

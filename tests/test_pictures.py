@@ -85,7 +85,7 @@ def test_clip_strip_pixels_are_the_loaders_frames_de_normalised(train_clips):
 
 def test_sheet_captions_are_the_clips_classes_and_tiles_their_strips(train_clips):
     batch, plan = train_clips
-    sheet, captions = pictures.batch_sheet(batch, CLASSES, count=4, columns=2)
+    sheet, captions = pictures.batch_sheet(batch, CLASSES, count=4, scale=1, columns=2)
     for caption, key, flipped in zip(captions, batch["key"], plan.mirror[:2].reshape(-1)):
         label = SWAP.get(label_of(key), label_of(key)) if flipped else label_of(key)
         swapped = bool(flipped) and label != label_of(key)
@@ -163,7 +163,7 @@ def test_show_clips_writes_a_sheet_and_gifs(shards, tmp_path, capsys):
             "--out", str(out), "--gif", str(gifs)]
     assert show_clips.main(args) == 0
     assert capsys.readouterr().out.startswith(f"{out}: 3 val clips")
-    tile = 16 * math.ceil(show_clips.MIN_TILE / 16)
+    tile = 16 * math.ceil(pictures.MIN_TILE / 16)  # 96
     height, width = pictures.CAPTION_HEIGHT + 2 * tile + pictures.GAP, 5 * (tile + pictures.GAP) - pictures.GAP
     columns = round(math.sqrt(3 * height / width))
     rows = -(-3 // columns)

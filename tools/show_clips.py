@@ -33,9 +33,6 @@ from tdsclip.build import build_loader
 from tdsclip.config import ConfigError, RunConfig, config_from_dict, load_config
 from tdsclip.distributed import World
 
-MIN_TILE = 96  # px: smaller frames are enlarged to at least this
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", help="shard directory (with <split>.manifest.json); sets data.shards")
@@ -90,16 +87,13 @@ def first_clips(loader: pipelines.Loader, count: int) -> dict:
     return {**clips, "key": parts["key"][:count]}
 
 
-def write_gifs(directory: Path, batch: dict, captions: list[str], scale: int) -> list[Path]:
+def write_gifs(directory: Path, batch: dict, captions: list[str], scale: int) -> None:
     """One animated GIF per clip, `<number>_<key>.gif`, 8 frames per second."""
-    paths = []
     for number, (clip, caption, key) in enumerate(zip(batch["clips"], captions, batch["key"])):
         frames = [Image.fromarray(f) for f in pictures.clip_animation(clip, caption=caption, scale=scale)]
         path = directory / f"{number:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}.gif"
         atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                     duration=125, loop=0))
-        paths.append(path)
-    return paths
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -119,13 +113,12 @@ def show(args: argparse.Namespace, config: RunConfig) -> str:
     finally:
         loader.close()
     names = loader.classes or []
-    size = batch["clips"].shape[-1]
-    scale = max(1, math.ceil(MIN_TILE / size))
-    sheet, captions = pictures.batch_sheet(batch, names, count=args.num, scale=scale)
+    sheet, captions = pictures.batch_sheet(batch, names, count=args.num)
     atomic_write(args.out, lambda f: Image.fromarray(sheet).save(f, format="PNG"))
     summary = f"{args.out}: {len(captions)} {args.split} clips of {config.data.shards} ({sheet.shape[1]}x{sheet.shape[0]})"
     if args.gif is not None:
-        summary += f"; GIFs in {args.gif}" if write_gifs(args.gif, batch, captions, scale) else ""
+        write_gifs(args.gif, batch, captions, pictures.auto_scale(batch["clips"].shape[-1]))  # as the sheet's
+        summary += f"; {len(captions)} GIFs in {args.gif}"
     return summary
 
 

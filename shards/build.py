@@ -7,6 +7,7 @@ Each finished shard's index records a fingerprint of the run and the range of sh
 consumed (with the inputs rejected there); a rerun keeps the finished prefix and continues after it.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from shards import format as fmt
+from shards import lock
 from shards.encode import EncodeOptions, encode_source
 from shards.manifest import Manifest, Rejection, ShardRecord, write_json_atomic
 from shards.sources import Source
@@ -27,6 +29,14 @@ from shards.writer import ShardWriter
 
 class BuildError(RuntimeError):
     """The output directory holds shards this run cannot continue; the message says what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Packing stopped by Ctrl-C (or a caller's KeyboardInterrupt); says what a rerun keeps."""
+
+    def __init__(self, shards: int, inputs: int, total: int):
+        super().__init__(f"{shards} finished shards kept ({inputs} of {total} inputs)")
+        self.shards, self.inputs, self.total = shards, inputs, total
 
 
 def tool_version() -> str:
@@ -89,13 +99,14 @@ def _finished_shards(out: Path, split: str, digest: str) -> _Resume:
 
 def build_split(sources: list[Source], root: str | os.PathLike, out: str | os.PathLike, classes: list[str],
                 options: EncodeOptions, *, split: str = "train", shard_size: int = 1 << 30, seed: int = 0,
-                workers: int = 1, on_start: Callable[[int], None] | None = None,
+                workers: int = 1, on_start: Callable[[int, int], None] | None = None,
                 on_result: Callable[[Result], None] | None = None) -> Manifest:
     """Pack `sources` into `<out>/<split>-NNNNNN.tar` shards and write `<out>/<split>.manifest.json`.
 
     Resumes a run that stopped. For progress, `on_start` gets the number of inputs an earlier run already
-    did, and `on_result` is called once per input encoded now.
-    Returns the manifest, identical to that of an uninterrupted run.
+    did and how many of those it rejected, and `on_result` is called once per input encoded now.
+    Returns the manifest, identical to that of an uninterrupted run. Raises `lock.OutputLocked` while
+    another process writes this split into `out`, and `Interrupted` on a KeyboardInterrupt.
     """
     if not fmt.SPLIT_PATTERN.match(split):
         raise ValueError(f"split {split!r} must match {fmt.SPLIT_PATTERN.pattern}")
@@ -103,6 +114,15 @@ def build_split(sources: list[Source], root: str | os.PathLike, out: str | os.Pa
         raise ValueError(f"shard_size must be > 0 bytes, got {shard_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with lock.exclusive(out, split):
+        return _build_locked(sources, Path(root), out, classes, options, split, shard_size, seed, workers,
+                             on_start, on_result)
+
+
+def _build_locked(sources: list[Source], root: Path, out: Path, classes: list[str], options: EncodeOptions,
+                  split: str, shard_size: int, seed: int, workers: int,
+                  on_start: Callable[[int, int], None] | None,
+                  on_result: Callable[[Result], None] | None) -> Manifest:
     order = shuffled(sources, seed)
     digest = fingerprint(sources, options, split, shard_size, seed)
     resume = _finished_shards(out, split, digest)
@@ -110,13 +130,18 @@ def build_split(sources: list[Source], root: str | os.PathLike, out: str | os.Pa
         temp.unlink()  # left by an interrupted run: a tar, or an index or manifest (atomicfile)
     records, rejected = list(resume.records), list(resume.rejected)
     if on_start is not None:
-        on_start(resume.position)
+        on_start(resume.position, len(resume.rejected))
     if resume.position < len(order):
         (out / fmt.manifest_name(split)).unlink(missing_ok=True)
-        encode = partial(encode_source, root=Path(root), options=options)
-        results = ordered_results(order[resume.position:], encode, workers)
-        per_shard = _fill_shards(order, resume.position, len(records), results, out, split, shard_size, digest,
-                                 records, on_result)
+        encode = partial(encode_source, root=root, options=options)
+        # closing: an exception here stops the workers at once, not when the generator is collected
+        with contextlib.closing(ordered_results(order[resume.position:], encode, workers)) as results:
+            try:
+                per_shard = _fill_shards(order, resume.position, len(records), results, out, split, shard_size,
+                                         digest, records, on_result)
+            except KeyboardInterrupt:
+                kept = _finished_shards(out, split, digest)
+                raise Interrupted(len(kept.records), kept.position, len(order)) from None
         rejected += [r for shard_rejections in per_shard for r in shard_rejections]
     manifest = Manifest(split=split, layout=options.layout, encoding=options.encoding(), classes=classes,
                         num_samples=sum(r.num_samples for r in records), shards=records, rejected=rejected,

@@ -14,6 +14,7 @@ goes on (--strict: exit status 1 if any). Rerunning an interrupted command keeps
 import argparse
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from shards import format as fmt
-from shards.build import BuildError, build_split
+from shards.build import BuildError, Interrupted, build_split
 from shards.encode import EncodedSample, EncodeOptions
+from shards.lock import OutputLocked
 from shards.manifest import Manifest
 from shards.sources import ListFormatError, class_names, read_labels, read_list
 
@@ -97,6 +99,14 @@ class RateColumn(ProgressColumn):
                     style="progress.data.speed")
 
 
+def _drop_bar(progress: Progress) -> None:
+    """Remove the progress bar (without the blank line rich leaves off a terminal): the one line that
+    follows says why the run ended and where it stopped."""
+    progress.live.transient = True
+    progress.live.stop()
+    progress.disable = True
+
+
 def summarize(console: Console, manifest: Manifest, seconds: float, resumed: int) -> None:
     total = sum(s.bytes for s in manifest.shards)
     console.print(f"{manifest.split}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
@@ -111,6 +121,28 @@ def summarize(console: Console, manifest: Manifest, seconds: float, resumed: int
             console.print(f"  {r.source}: {r.reason}", markup=False, highlight=False)
         if len(manifest.rejected) > 20:
             console.print(f"  ... and {len(manifest.rejected) - 20} more")
+
+
+class StopSignal:
+    """Handler of Ctrl-C and SIGTERM (what schedulers send): the first stops packing, as KeyboardInterrupt;
+    later ones are ignored, so the clean-up (killing workers, removing a half-written shard) runs to its
+    end without a traceback. `exit_status` is the shell's for that signal."""
+
+    def __init__(self):
+        self.exit_status = 128 + signal.SIGINT
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self)
+        signal.signal(signal.SIGTERM, self)
+
+    def __call__(self, signum: int, frame) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.exit_status = 128 + signum
+        raise KeyboardInterrupt
+
+
+STOP = StopSignal()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,22 +175,23 @@ def main(argv: list[str] | None = None) -> int:
 
         resumed = []
 
-        def on_start(done: int) -> None:
+        def on_start(done: int, rejected: int) -> None:
             resumed.append(done)
-            progress.reset(task, completed=done, bytes=0, rejected=0, resumed=done)
+            progress.reset(task, completed=done, bytes=0, rejected=rejected, resumed=done)
 
         try:
             manifest = build_split(sources, args.root, args.out, classes, options, split=args.split,
                                    shard_size=args.shard_size, seed=args.seed, workers=args.workers,
                                    on_start=on_start, on_result=on_result)
-        except (BuildError, ListFormatError, ValueError) as error:
-            progress.stop()
+        except (BuildError, OutputLocked, ListFormatError, ValueError) as error:
+            _drop_bar(progress)
             console.print(f"[red]error:[/] {error}", highlight=False)
             return 2
-        except KeyboardInterrupt:
-            progress.stop()
-            console.print("interrupted: rerun the same command to go on (finished shards are kept)")
-            return 130
+        except Interrupted as stop:
+            _drop_bar(progress)
+            console.print(f"interrupted: {stop.shards} finished shards kept in {args.out} ({stop.inputs} of "
+                          f"{stop.total} inputs); rerun the same command to resume", highlight=False)
+            return STOP.exit_status
     summarize(console, manifest, time.perf_counter() - start, resumed[0])
     if not manifest.num_samples:
         console.print(f"[red]error:[/] no input of {args.list} could be packed (reasons above); "
@@ -168,4 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    STOP.install()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before packing started or after it finished: nothing half-written
+        print("interrupted", file=sys.stderr)
+        sys.exit(STOP.exit_status)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Recognize the actions in your videos with trained TDS-CLIP weights: the top classes of each video.
 
-    python tools/predict.py clip1.mp4 clip2.webm frames_folder/ --cfg configs/k400/vitb16.yaml \
-        --weights runs/k400_vitb16/best.pt --classes lists/kinetics_400_labels.csv --test-crops 3 --test-clips 4 \
+    python tools/predict.py clip1.mp4 clip2.webm frames_folder/ --cfg configs/k400/vitb16.yaml \\
+        --weights runs/k400_vitb16/best.pt --classes lists/kinetics_400_labels.csv --test-crops 3 --test-clips 4 \\
         [key.sub=value ...] [--json OUT.json] [--sheet OUT.png]
 
 The inputs (video files, or folders of frames named by --image-tmpl) are packed into a temporary test

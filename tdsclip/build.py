@@ -1,119 +1,95 @@
-"""From a RunConfig to built components: the data pipelines, the model (with its weights), and a
-Trainer wiring them to the optimizer, schedule, checkpointer and metrics (launch.py runs it).
+"""From a RunConfig to built components: the data pipelines, the model (with its weights), and a Trainer
+wiring them to the optimizer, schedule, checkpointer and metrics; the same for --test and predict.
 
-Options that only the pipelines or the data can check (RandAugment spec, labels against
-model.num_classes) are checked here, before anything expensive is built.
+What only the data can check (labels against model.num_classes, train and val class names, a global
+batch the training videos fill) is checked here, before a model is built.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import pipelines
-from pipelines.augment import parse_randaugment
-from pipelines.reader import shard_paths
-from shards.manifest import ShardFormatError, read_manifest
-from tdsclip.checkpoint import Checkpointer
+from tdsclip.checkpoint import Checkpointer, data_fingerprint
+from tdsclip.checkpoint_file import CheckpointError, read_checkpoint_file
 from tdsclip.config import ConfigError, RunConfig, config_to_dict
 from tdsclip.distributed import World
 from tdsclip.metrics import MetricsLogger, device_peak_tflops, plural, train_flops_per_clip
-from tdsclip.model import ModelConfig, build_model
+from tdsclip.model import TDSCLIP, ModelConfig, build_model
 from tdsclip.optim import WarmupCosineSchedule, build_optimizer
-from tdsclip.train import Trainer, build_mixup, derive_batch
-from tdsclip.weights import init_from_checkpoint, load_clip_weights, load_model
+from tdsclip.stop import StopSignals
+from tdsclip.train import Trainer
+from tdsclip.weights import (FORMAT, config_from_official, init_from_checkpoint, load_clip_weights,
+                             load_official_state, model_from_checkpoint, official_state_of)
+
+# What trained weights expect of their input and output: a test or predict config must agree with the
+# checkpoint's training config on these (views, batch size, device and threads stay free).
+BOUND_MODEL_KEYS = ("width", "layers", "heads", "patch_size", "image_size", "side_dim", "num_segments",
+                    "frames_per_segment", "num_classes")
+BOUND_DATA_KEYS = ("resize", "sampling", "wrap_start")
 
 
-def loader_options(config: RunConfig, world: World, model_config: ModelConfig) -> dict:
-    """The pipeline options train, val and test share: this rank, the model's clip geometry, data.*."""
-    data = config.data
-    return dict(rank=world.rank, world_size=world.world_size, seed=config.seed, sampling=data.sampling,
-                wrap_start=data.wrap_start, frames_per_segment=model_config.frames_per_segment,
-                image_size=model_config.image_size,
-                resize=tuple(data.resize) if isinstance(data.resize, list) else data.resize,
-                num_threads=data.num_threads, on_error=data.on_error)
+def derive_batch(global_batch_size: int, world_size: int, max_device_batch_size: int) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation steps) so that per_device * accum * world == global.
+
+    The per-device batch is the largest divisor of global / world that fits max_device_batch_size.
+    """
+    if global_batch_size % world_size:
+        raise ConfigError(f"data.global_batch_size={global_batch_size} is not divisible by the "
+                          f"{world_size} processes; pick a multiple of the world size")
+    per_rank = global_batch_size // world_size
+    per_device = max(d for d in range(1, min(per_rank, max_device_batch_size) + 1) if per_rank % d == 0)
+    return per_device, per_rank // per_device
+
+
+def build_mixup(*, num_classes: int, mixup_alpha: float, cutmix_alpha: float, switch_prob: float,
+                label_smoothing: float) -> Callable:
+    """The official batch Mixup/CutMix (timm's), applied to clips (B, T, M, 3, H, W); B must be even."""
+    from timm.data import Mixup
+
+    mix = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=1.0, switch_prob=switch_prob,
+                mode="batch", label_smoothing=label_smoothing, num_classes=num_classes)
+
+    def apply(clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, m, c, h, w = clips.shape
+        mixed, targets = mix(clips.reshape(b, t * m * c, h, w), labels)  # cutmix boxes span all frames
+        return mixed.view(b, t, m, c, h, w), targets
+
+    return apply
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def build_loader(config: RunConfig, world: World, model_config: ModelConfig, mode: str, batch_size: int):
+    """This rank's loader of `mode` ("train", "val", "test") with the model's clip geometry."""
+    return pipelines.build_loader(
+        pipelines.DataConfig(**vars(config.data)), mode, batch_size=batch_size, num_segments=model_config.num_segments,
+        frames_per_segment=model_config.frames_per_segment, image_size=model_config.image_size, rank=world.rank,
+        world_size=world.world_size, seed=config.seed, test_crops=config.eval.test_crops,
+        test_clips=config.eval.test_clips)
 
 
 def build_loaders(config: RunConfig, world: World, model_config: ModelConfig, batch_size: int) -> tuple:
-    """The train and val pipelines of this rank (manifests named by data.train_split / data.val_split; no
-    val pipeline when data.val_split is null)."""
-    data, segments = config.data, model_config.num_segments
-    options = loader_options(config, world, model_config)
-    train = pipelines.loader(shard_paths(data.shards, data.train_split), "train", batch_size, segments, **options,
-                             num_sample=data.num_sample, flip=data.flip, flip_label_map=data.flip_label_map,
-                             grayscale_prob=data.grayscale_prob, randaugment=data.randaugment)
-    val = None
-    if data.val_split is not None:
-        val = pipelines.loader(shard_paths(data.shards, data.val_split), "val", data.eval_batch_size, segments,
-                               **options)
-    for loader, split in ((train, data.train_split), (val, data.val_split)):
-        if loader is not None:
-            check_labels(loader, model_config.num_classes, f"split {split!r} of {data.shards}",
-                         "set model.num_classes to the shards' number of classes")
-    return train, val
-
-
-def build_test(config: RunConfig, world: World, weights: str, log: MetricsLogger) -> tuple:
-    """(model, loader) for --test: the network `weights` hold (T from model.num_segments: official files do
-    not record it), on the device in eval mode, and this rank's multi-view pipeline over data.test_split."""
-    model = load_model(weights, num_segments=config.model.num_segments).to(world.device)
-    net = model.config
-    log.info(f"weights: {weights} ({net.arch or f'width {net.width}, {net.layers} layers'}, side_dim "
-             f"{net.side_dim}, {net.num_classes} classes), {net.num_segments} segments of "
-             f"{net.frames_per_segment} frames")
-    return model, build_test_loader(config, world, net, weights)
-
-
-def build_test_loader(config: RunConfig, world: World, model_config: ModelConfig, weights: str) -> pipelines.Loader:
-    """This rank's multi-view test pipeline over data.test_split (eval.test_crops x eval.test_clips views)."""
+    """The train and val pipelines of this rank (no val pipeline when data.val_split is null), checked
+    against the model's classes, each other's class names and the global batch."""
     data = config.data
-    loader = pipelines.loader(shard_paths(data.shards, data.test_split), "test", data.eval_batch_size,
-                              model_config.num_segments, **loader_options(config, world, model_config),
-                              test_crops=config.eval.test_crops, test_clips=config.eval.test_clips)
-    check_labels(loader, model_config.num_classes, f"split {data.test_split!r} of {data.shards}",
-                 f"the weights {weights} were trained for fewer classes; check --weights and data.test_split")
-    return loader
-
-
-def test_view_note(config: RunConfig) -> str | None:
-    """A note when the test views include mirror images (10 crops, as the official test) for classes that
-    mirroring changes (data.flip not 'plain': e.g. left/right motion in Something-Something)."""
-    if config.eval.test_crops == 10 and config.data.flip != "plain":
-        return (f"note: eval.test_crops=10 adds the mirror image of each crop, as the official test does, but "
-                f"data.flip is {config.data.flip!r}: mirroring changes these classes (left <-> right); "
-                f"1, 3 and 5 crops do not mirror")
-    return None
-
-
-def check_pipeline_options(config: RunConfig) -> None:
-    """Options that only the pipelines can parse, checked before anything is built."""
-    if config.data.randaugment:
-        try:
-            parse_randaugment(config.data.randaugment)
-        except ValueError as error:
-            raise ConfigError(f"data.randaugment: {error}") from None
-
-
-def train_classes(config: RunConfig) -> list[str] | None:
-    """The class names of the training manifest (data.shards, data.train_split), or None where there is
-    none to read (tar paths, or a directory without that manifest)."""
-    if not Path(config.data.shards).is_dir():
-        return None
-    try:
-        return read_manifest(config.data.shards, config.data.train_split, check_files=False).classes
-    except (FileNotFoundError, ShardFormatError):
-        return None
-
-
-def warn_on_class_count(config: RunConfig, num_classes: int, log: MetricsLogger) -> None:
-    """Say so when the training shards name another number of classes than the model has (e.g. a
-    fine-tune that kept the pretrained model.num_classes): labels fit, but the head is oversized."""
-    classes = train_classes(config)
-    if classes is not None and len(classes) != num_classes:
-        log.info(f"warning: the {config.data.train_split!r} shards name {len(classes)} classes and the model "
-                 f"has {num_classes} (model.num_classes); set it to {len(classes)} unless that is intended")
+    train = build_loader(config, world, model_config, "train", batch_size)
+    val = build_loader(config, world, model_config, "val", data.eval_batch_size) if data.val_split else None
+    remedy = "set model.num_classes to the shards' number of classes"
+    check_labels(train, model_config.num_classes, f"split {data.train_split!r} of {data.shards}", remedy)
+    if val is not None:
+        check_labels(val, model_config.num_classes, f"split {data.val_split!r} of {data.shards}", remedy)
+        check_same_classes(train.classes, val.classes, data)
+    if len(train.samples) < data.global_batch_size:
+        raise ConfigError(f"split {data.train_split!r} of {data.shards} has {len(train.samples)} videos, fewer than "
+                          f"one step's data.global_batch_size={data.global_batch_size}: an epoch would be less than "
+                          f"one step. Lower data.global_batch_size to at most {len(train.samples)}")
+    return train, val
 
 
 def check_labels(loader, num_classes: int, what: str, remedy: str) -> None:
@@ -122,6 +98,28 @@ def check_labels(loader, num_classes: int, what: str, remedy: str) -> None:
     top = max(sample.label for sample in loader.samples)
     if top >= num_classes:
         raise ConfigError(f"{what} has label {top}, but the model has {num_classes} classes: {remedy}")
+
+
+def check_same_classes(train: list[str] | None, val: list[str] | None, data) -> None:
+    """Train and val must name the same classes in the same order (a val split packed without --labels, or
+    with another labels file, scores every video against the wrong class)."""
+    if not train or not val or train == val:
+        return
+    diffs = [f"{i}: {a!r} / {b!r}" for i, (a, b) in enumerate(zip(train, val)) if a != b]
+    diffs += [f"{len(train)} / {len(val)} classes"] if len(train) != len(val) else []
+    raise ConfigError(f"the class names of splits {data.train_split!r} and {data.val_split!r} in {data.shards} differ "
+                      f"({'; '.join(diffs[:4])}): pack both with the same --labels file (tools/make_shards.py)")
+
+
+def warn_on_class_count(loader, num_classes: int, split: str, log: MetricsLogger) -> None:
+    """Say so when the training shards name another number of classes than the model has (e.g. a
+    fine-tune that kept the pretrained model.num_classes): labels fit, but the head is oversized."""
+    if loader.classes and len(loader.classes) != num_classes:
+        log.info(f"warning: the {split!r} shards name {len(loader.classes)} classes and the model has "
+                 f"{num_classes} (model.num_classes); set it to {len(loader.classes)} unless that is intended")
+
+
+# --- model ------------------------------------------------------------------------------------
 
 
 def resolve_precision(config: RunConfig, world: World) -> str:
@@ -150,12 +148,12 @@ def model_with_weights(config: RunConfig, log: MetricsLogger, *, load_weights: b
 
 
 def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpointer: Checkpointer | None = None, *,
-                  resuming: bool = False) -> Trainer:
+                  resuming: bool = False, stop: StopSignals | None = None) -> Trainer:
     """Model, data, optimizer, schedule and checkpointer (default: in output_dir) from the config, wired
     into a Trainer. `resuming`: the weights will come from a checkpoint, so no weight files are read."""
     precision = resolve_precision(config, world)
     use_compile = config.compile if config.compile is not None else world.device.type == "cuda"
-    data, optim, schedule, mcfg = config.data, config.optim, config.schedule, config.model.model_config()
+    data, optim, mcfg = config.data, config.optim, config.model.model_config()
     per_device, accum = derive_batch(data.global_batch_size, world.world_size, data.max_device_batch_size)
     mixup = None
     if optim.mixup:
@@ -166,7 +164,7 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
                             cutmix_alpha=optim.cutmix_alpha, switch_prob=optim.mixup_switch_prob,
                             label_smoothing=optim.label_smoothing)
     train_loader, val_loader = build_loaders(config, world, mcfg, per_device)  # data errors before a model is built
-    warn_on_class_count(config, mcfg.num_classes, log)
+    warn_on_class_count(train_loader, mcfg.num_classes, data.train_split, log)
     log.info(f"batch: {data.global_batch_size} videos per step = {plural(world.world_size, 'process')} x "
              f"{per_device} per device x {plural(accum, 'accumulation step')} (x{data.num_sample} views each); "
              f"{precision} (validation {config.eval.precision}), torch.compile {'on' if use_compile else 'off'}, "
@@ -182,17 +180,91 @@ def build_trainer(config: RunConfig, world: World, log: MetricsLogger, checkpoin
                                 eps=optim.eps, clip_ratio=optim.clip_ratio, bn_lr_ratio=optim.bn_lr_ratio)
     peak = config.logging.peak_tflops or device_peak_tflops(world.device)
     clip_shape = (mcfg.num_segments, mcfg.frames_per_segment, 3, mcfg.image_size, mcfg.image_size)
-    flops_per_clip = train_flops_per_clip(model, clip_shape, world.device) if peak else None  # one step, for MFU
     return Trainer(
         model=model, train_model=train_model, eval_model=eval_model, optimizer=optimizer,
         train_loader=train_loader, val_loader=val_loader,
-        schedule=WarmupCosineSchedule(optimizer, epochs=schedule.epochs, warmup_epochs=schedule.warmup_epochs,
-                                      final_factor=schedule.final_factor),
-        checkpointer=checkpointer or Checkpointer(config.output_dir, rank=world.rank), metrics=log, world=world,
-        epochs=schedule.epochs, accum_steps=accum, precision=precision, eval_precision=config.eval.precision,
-        label_smoothing=optim.label_smoothing, mixup=mixup, grad_clip=optim.grad_clip,
-        log_every=config.logging.log_every, checkpoint_every=config.checkpoint.every_steps,
-        eval_every=config.eval.every_epochs, skip_epochs=config.eval.skip_epochs,
-        save_best=config.checkpoint.save_best, config=config_to_dict(config), flops_per_clip=flops_per_clip,
-        peak_tflops=peak,
+        schedule=WarmupCosineSchedule(optimizer, epochs=config.schedule.epochs,
+                                      warmup_epochs=config.schedule.warmup_epochs,
+                                      final_factor=config.schedule.final_factor),
+        checkpointer=checkpointer or Checkpointer(config.output_dir, world=world), metrics=log, world=world,
+        optim=optim, checkpointing=config.checkpoint, evaluation=config.eval, logging=config.logging,
+        accum_steps=accum, precision=precision, mixup=mixup, config=config_to_dict(config),
+        data_fingerprint=data_fingerprint(train_loader.samples), stop=stop,
+        flops_per_clip=train_flops_per_clip(model, clip_shape, world.device) if peak else None,  # one step, for MFU
+        peak_tflops=peak, class_names=train_loader.classes,
     )
+
+
+# --- test and predict ---------------------------------------------------------------------------
+
+
+def load_test_model(config: RunConfig, weights: str | Path) -> TDSCLIP:
+    """The network `weights` hold, in eval mode, checked against what the config asks of it: our checkpoints
+    decide (a conflicting model or data setting is an error naming both values); official files, which
+    record no config, take the config's segments and must have its sizes."""
+    path = Path(weights)
+    checkpoint = read_checkpoint_file(path)
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
+        check_bound_to_checkpoint(config, checkpoint, path)
+        return model_from_checkpoint(checkpoint, source=str(path)).eval()
+    state = official_state_of(checkpoint, path)
+    check_official_sizes(config.model.model_config(), config_from_official(state, config.model.num_segments), path)
+    return load_official_state(state, config.model.num_segments).eval()
+
+
+def check_bound_to_checkpoint(config: RunConfig, checkpoint: dict, path: Path) -> None:
+    saved_model = ModelConfig(**checkpoint["model_config"])
+    mine = config.model.model_config()
+    conflicts = [(f"model.{key}", getattr(saved_model, key), getattr(mine, key)) for key in BOUND_MODEL_KEYS
+                 if getattr(saved_model, key) != getattr(mine, key)]
+    saved_data = (checkpoint.get("config") or {}).get("data", {})
+    current_data = config_to_dict(config)["data"]
+    conflicts += [(f"data.{key}", saved_data[key], current_data[key]) for key in BOUND_DATA_KEYS
+                  if key in saved_data and saved_data[key] != current_data[key]]
+    if conflicts:
+        listed = "; ".join(f"{key}: {old!r} in the weights' training config, {new!r} here" for key, old, new in conflicts)
+        raise ConfigError(f"the weights {path} were trained for other inputs ({listed}): use the config they were "
+                          f"trained with (saved as config.yaml beside them), or drop those overrides")
+
+
+def check_official_sizes(mine: ModelConfig, theirs: ModelConfig, path: Path) -> None:
+    """An official checkpoint's tensor sizes must be the config's."""
+    conflicts = [f"model.{key}: {getattr(theirs, key)!r} in the tensors, {getattr(mine, key)!r} in the config"
+                 for key in BOUND_MODEL_KEYS if getattr(theirs, key) != getattr(mine, key)]
+    if conflicts:
+        raise CheckpointError(f"the official checkpoint {path} does not fit the config ({'; '.join(conflicts)}): "
+                              "set those model keys to the checkpoint's values")
+
+
+def build_test(config: RunConfig, world: World, weights: str, log: MetricsLogger) -> tuple:
+    """(model, loader) for --test: the network `weights` hold on the device in eval mode, and this rank's
+    multi-view pipeline over data.test_split, whose classes must be the weights' classes."""
+    model = load_test_model(config, weights).to(world.device)
+    net = model.config
+    log.info(f"weights: {weights} ({net.arch or f'width {net.width}, {net.layers} layers'}, side_dim "
+             f"{net.side_dim}, {net.num_classes} classes), {net.num_segments} segments of "
+             f"{net.frames_per_segment} frames")
+    return model, build_test_loader(config, world, net, weights)
+
+
+def build_test_loader(config: RunConfig, world: World, model_config: ModelConfig, weights: str):
+    """This rank's multi-view test pipeline over data.test_split (eval.test_crops x eval.test_clips views)."""
+    data = config.data
+    loader = build_loader(config, world, model_config, "test", data.eval_batch_size)
+    what = f"split {data.test_split!r} of {data.shards}"
+    check_labels(loader, model_config.num_classes, what,
+                 f"the weights {weights} were trained for fewer classes; check --weights and data.test_split")
+    if loader.classes and len(loader.classes) != model_config.num_classes:
+        raise ConfigError(f"{what} names {len(loader.classes)} classes and the weights {weights} have "
+                          f"{model_config.num_classes}: test on the shards of the classes they were trained for")
+    return loader
+
+
+def test_view_note(config: RunConfig) -> str | None:
+    """A note when the test views include mirror images (10 crops, as the official test) for classes that
+    mirroring changes (data.flip not 'plain': e.g. left/right motion in Something-Something)."""
+    if config.eval.test_crops == 10 and config.data.flip != "plain":
+        return (f"note: eval.test_crops=10 adds the mirror image of each crop, as the official test does, but "
+                f"data.flip is {config.data.flip!r}: mirroring changes these classes (left <-> right); "
+                f"1, 3 and 5 crops do not mirror")
+    return None

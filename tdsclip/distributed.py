@@ -41,7 +41,12 @@ def init_distributed(timeout_minutes: int = 30) -> World:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
+        global _CONTROL_GROUP  # small CPU-side agreements (stop requests) that must not sync the GPU
+        _CONTROL_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else None
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+_CONTROL_GROUP = None
 
 
 def close_distributed() -> None:
@@ -53,6 +58,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over ranks in place (no-op for one process)."""
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Max of a CPU `tensor` over ranks in place, over the gloo control group (no GPU sync); no-op for one process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
     return tensor
 
 

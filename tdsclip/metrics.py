@@ -1,4 +1,5 @@
-"""What a run reports: TensorBoard scalars and, on rank 0, a rich progress bar or plain log lines.
+"""What a run reports (MetricsLogger: tdsclip/console.py and tdsclip/tensorboard_sink.py on rank 0), and the
+measurements behind it: step timing, memory, FLOPs for MFU.
 
 Scalars (tag: meaning): train/loss (mean over ranks), train/lr, train/clips_per_s (global), train/step_time_s,
 train/data_wait_frac (time blocked on the pipeline / step time), sys/peak_device_mem_gib,
@@ -10,11 +11,15 @@ from __future__ import annotations
 
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from tdsclip import pictures
+from tdsclip.console import Console
+from tdsclip.tensorboard_sink import TensorBoardSink
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; logging.peak_tflops overrides.
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
@@ -48,76 +53,64 @@ def peak_device_memory_bytes(device: torch.device) -> int:
 
 
 class MetricsLogger:
-    """Rank 0 writes TensorBoard events and prints; other ranks do nothing."""
+    """What a run reports, on rank 0 (other ranks do nothing): a Console and a TensorBoardSink."""
 
-    def __init__(self, log_dir: str | Path, *, rank: int = 0, tensorboard: bool = True,
-                 progress: str = "auto"):
+    def __init__(self, log_dir: str | Path, *, rank: int = 0, tensorboard: bool = True, progress: str = "auto"):
         self.enabled = rank == 0
-        self.log_dir, self.tensorboard = Path(log_dir), tensorboard
-        self.writer = None  # made at the first scalar: a run that fails at start leaves no empty event file
-        self.purge_step: int | None = None
-        self.progress = None
-        self.task = None
-        if not self.enabled:
-            return
-        use_rich = progress == "rich" or (progress == "auto" and sys.stdout.isatty())
-        if use_rich:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(),
-            )
-            self.progress.start()
+        self.console = Console(progress) if self.enabled else None
+        self.sink = TensorBoardSink(log_dir) if self.enabled and tensorboard else None
 
     def info(self, message: str) -> None:
-        """Print a line on rank 0 (through the progress bar's console when there is one)."""
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            self.progress.console.print(message)
-        else:
-            print(message, flush=True)
+        """Print a line on rank 0 (above the progress bar when there is one)."""
+        if self.console is not None:
+            self.console.print(message)
 
     def start_at(self, step: int) -> None:
         """Training logs from `step` on: TensorBoard hides what an earlier, interrupted attempt logged there
         and later (after the checkpoint this run resumes from), so the curves do not zig-zag. Also set
         on a fresh run: TensorBoard's older loader (--load_fast=false) skips a run's first such mark."""
-        self.purge_step = step
+        if self.sink is not None:
+            self.sink.purge_step = step
 
     def start_epoch(self, description: str, total: int, completed: int = 0) -> None:
-        if self.progress is not None:
-            if self.task is not None:
-                self.progress.remove_task(self.task)
-            self.task = self.progress.add_task(description, total=total, completed=completed, status="")
+        if self.console is not None:
+            self.console.start_epoch(description, total, completed)
 
     def advance(self, completed: int, status: str) -> None:
-        if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, completed=completed, status=status)
+        if self.console is not None:
+            self.console.advance(completed, status)
 
     def log(self, step: int, scalars: dict[str, float], line: str | None = None) -> None:
-        """Record scalars at `step`; in plain mode also print `line`."""
-        if not self.enabled:
-            return
-        if self.tensorboard and self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
-        if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, step)
-        if line and self.progress is None:
+        """Record scalars at `step`; without a progress bar also print `line`."""
+        if self.sink is not None:
+            self.sink.scalars(step, scalars)
+        if line and self.console is not None and not self.console.draws_bar:
             print(line, flush=True)
 
+    def clips(self, tag: str, step: int, batch: dict, class_names: list[str] | None, count: int = 4) -> None:
+        """A loader batch's first clips as the model sees them (de-normalised, captioned) at `step`."""
+        if self.sink is not None:
+            names = class_names or [str(label) for label in range(int(batch["label"].max()) + 1)]
+            sheet, _ = pictures.batch_sheet(batch, names, count=count, scale=2)
+            self.sink.image(tag, step, sheet)
+
+    def evaluation(self, split: str, step: int, result: dict, class_names: list[str] | None) -> None:
+        """A validation's or test's confusion matrix (image), its most confused pairs and per-class accuracy."""
+        if self.sink is None:
+            return
+        matrix = np.asarray(result["confusion"])
+        names = class_names or [str(c) for c in range(len(matrix))]
+        self.sink.image(f"{split}/confusion", step, pictures.confusion_image(matrix, names))
+        pairs = pictures.most_confused(matrix, names)
+        self.sink.text(f"{split}/most_confused", step, "\n".join(f"- {pair}" for pair in pairs) or "none")
+        rows = [f"| {name} | {'-' if acc is None else f'{acc:.1f}'} |" for name, acc in zip(names, result["per_class_top1"])]
+        self.sink.text(f"{split}/per_class_top1", step, "| class | top-1 % |\n|---|---|\n" + "\n".join(rows))
+
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.console is not None:
+            self.console.close()
+        if self.sink is not None:
+            self.sink.close()
 
 
 class StepTimer:

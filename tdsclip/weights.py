@@ -17,11 +17,10 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from atomicfile import atomic_write
+from tdsclip.checkpoint_file import CheckpointError, read_checkpoint_file, write_checkpoint
 from tdsclip.model import HEAD_WIDTH, TDSCLIP, ModelConfig, build_model
 
 FORMAT = "tdsclip"
@@ -87,10 +86,6 @@ def _template_regex(template: str) -> re.Pattern:
 
 
 _RULES = [(_template_regex(o), o, _template_regex(ours), ours, shape) for o, ours, shape in _NAME_MAP]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: wrong format, truncated, or not matching the model."""
 
 
 def official_name_to_ours(name: str) -> str | None:
@@ -218,19 +213,6 @@ def _arch_with_sizes(sizes: dict[str, int]) -> str | None:
 # Files
 
 
-def read_checkpoint_file(path: Path) -> object:
-    """torch.load a checkpoint onto the CPU; a missing or unreadable file raises an error naming it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        # Checkpoints carry trainer state (RNG, config) as well as tensors; load only files you trust.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises RuntimeError, EOFError or pickle errors for bad files
-        raise CheckpointError(
-            f"cannot read {path}: {type(e).__name__}: {e} (the file is truncated or not a torch checkpoint)"
-        ) from e
-
-
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the prefixes DDP ("module.") and torch.compile ("_orig_mod.") add to state-dict keys."""
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
@@ -254,14 +236,9 @@ def model_checkpoint(model: TDSCLIP) -> dict:
     }
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save `obj` to `path` atomically (atomicfile): never a truncated checkpoint."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def save_model(model: TDSCLIP, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` in our checkpoint format (atomically)."""
-    atomic_save(model_checkpoint(model), Path(path))
+    write_checkpoint(model_checkpoint(model), path)
 
 
 def model_from_checkpoint(checkpoint: dict, num_segments: int | None = None, source: str = "checkpoint") -> TDSCLIP:
@@ -314,17 +291,22 @@ def load_model(path: str | os.PathLike, num_segments: int | None = None) -> TDSC
     checkpoint = read_checkpoint_file(path)
     if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
         model = model_from_checkpoint(checkpoint, num_segments, source=str(path))
-    elif isinstance(checkpoint, dict) and is_official_state(checkpoint.get("model_state_dict")):
-        model = _load_official(checkpoint["model_state_dict"], num_segments, path)
-    elif is_official_state(checkpoint):
-        model = _load_official(checkpoint, num_segments, path)
     else:
-        keys = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(
-            f"{path} is neither a tdsclip checkpoint (format='tdsclip') nor an official TDS-CLIP one "
-            f"(model_state_dict with visual.side_* keys); top-level content: {keys}"
-        )
+        model = _load_official(official_state_of(checkpoint, path), num_segments, path)
     return model.eval()
+
+
+def official_state_of(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
+    """The official ``model_state_dict`` in what an official file holds (the script's dict, or a bare state)."""
+    if isinstance(checkpoint, dict) and is_official_state(checkpoint.get("model_state_dict")):
+        return checkpoint["model_state_dict"]
+    if is_official_state(checkpoint):
+        return checkpoint
+    keys = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+    raise CheckpointError(
+        f"{path} is neither a tdsclip checkpoint (format='tdsclip') nor an official TDS-CLIP one "
+        f"(model_state_dict with visual.side_* keys); top-level content: {keys}"
+    )
 
 
 # The sizes two networks must share for one's weights to start the other (the head may differ).
@@ -369,7 +351,7 @@ def export_official(model: TDSCLIP, path: str | os.PathLike, epoch: int = 0) -> 
             f"this model has model.heads={model.config.heads}, so it would compute different outputs there"
         )
     state = ours_to_official(_strip_wrappers(model.state_dict()))
-    atomic_save({"epoch": epoch, "model_state_dict": state, "optimizer_state_dict": {}}, Path(path))
+    write_checkpoint({"epoch": epoch, "model_state_dict": state, "optimizer_state_dict": {}}, path, checksum=False)
 
 
 # ---------------------------------------------------------------------------------------------

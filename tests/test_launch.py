@@ -16,7 +16,9 @@ import launch
 import pipelines
 import tdsclip
 from pipelines.reader import shard_paths
+from pipelines.plan import ClipSpec
 from tdsclip.build import build_loaders, build_trainer
+from tdsclip.checkpoint_file import write_checkpoint
 from tdsclip.config import ConfigError
 from tdsclip.distributed import World
 
@@ -102,13 +104,14 @@ def test_arguments(capsys):
 
 def test_interrupt_hint_matches_what_is_on_disk(tmp_path):
     from tdsclip.config import load_config
+    from tdsclip.run import interrupt_hint
 
     config = load_config(ROOT / "configs/demo.yaml", [f"output_dir={tmp_path}"])
     train, test = launch.parse_args(["--cfg", "c.yaml"]), launch.parse_args(["--cfg", "c.yaml", "--test", "--weights", "w"])
-    assert launch.resume_hint(config, train) == "no checkpoint was written yet; rerun the same command to start again"
+    assert interrupt_hint(config, train) == "no checkpoint was written yet; rerun the same command to start again"
     (tmp_path / "last.pt").write_bytes(b"")
-    assert launch.resume_hint(config, train) == f"rerun the same command with --resume to continue from {tmp_path}/last.pt"
-    assert launch.resume_hint(config, test) == "rerun the same command to test again"
+    assert interrupt_hint(config, train) == f"rerun the same command with --resume to continue from {tmp_path}/last.pt"
+    assert interrupt_hint(config, test) == "rerun the same command to test again"
 
 
 def test_mixup_needs_an_even_device_batch(shards, tmp_path, capsys):
@@ -150,13 +153,13 @@ def test_fine_tune_from_official_weights_without_validation(shards, tmp_path, ca
 
 def test_a_head_larger_than_the_shards_classes_is_pointed_out(shards, tmp_path):
     from tdsclip.build import warn_on_class_count
-    from tdsclip.config import load_config
 
     lines = []
     log = type("Log", (), {"info": lambda self, line: lines.append(line)})()
+    loader = pipelines.Loader(shard_paths(shards, "train"), ClipSpec(split="train"), 2, device="cpu",
+                              classes=["a", "b", "c"])
     for classes in (NUM_CLASSES, 400):
-        config = load_config(ROOT / "configs/demo.yaml", overrides(shards, tmp_path, f"model.num_classes={classes}"))
-        warn_on_class_count(config, classes, log)
+        warn_on_class_count(loader, classes, "train", log)
     assert lines == ["warning: the 'train' shards name 3 classes and the model has 400 (model.num_classes); "
                      "set it to 3 unless that is intended"]
 
@@ -166,12 +169,13 @@ def test_each_datasets_config_trains_and_validates_with_its_own_data_settings(sh
     """The shipped config's sampling, wrap, flip, grayscale, RandAugment and views, on a tiny network."""
     tiny = [o for o in TINY if not o.startswith(("data.num_sample", "data.flip"))]
     resize = "data.resize=18" if name.startswith("k400") else "data.resize=[18,22]"  # SS: an exact H x W
+    pairs = [] if name.startswith("k400") else ["data.flip_label_map={0: 1, 1: 0}"]  # left/right pairs of 3 classes
     args = ["--cfg", str(ROOT / "configs" / f"{name}.yaml"),
-            *tiny, resize, f"data.shards={shards}", f"output_dir={tmp_path}", "schedule.epochs=1"]
+            *tiny, resize, *pairs, f"data.shards={shards}", f"output_dir={tmp_path}", "schedule.epochs=1"]
     assert launch.main(args) == 0
     out = capsys.readouterr().out
     assert "(x2 views each)" in out and "epoch 1/1: val top-1" in out, out
-    assert "epoch 1/1 step 3 [6/6]" in out  # 12 videos, 2 per device, 2 accumulation steps
+    assert "epoch 1/1 step 3/3 (global 3)" in out  # 12 videos, a global batch of 4 (2 per device x 2 accumulation)
 
 
 def tensorboard_start_marks(run_dir: Path) -> list[int]:
@@ -195,7 +199,7 @@ def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     assert model.config.num_classes == NUM_CLASSES and model.config.num_segments == 2
 
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir)]) == 1
-    assert "last.pt exists: pass --resume" in capsys.readouterr().err
+    assert "holds last.pt and best.pt of an earlier run: pass --resume" in capsys.readouterr().err
     first_step = torch.load(run_dir / "last.pt", weights_only=False)["step"]
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *overrides(shards, run_dir)]) == 0
     out = capsys.readouterr().out
@@ -212,9 +216,10 @@ def test_train_then_resume_and_refuse_overwrite(shards, tmp_path, capsys):
     assert "data.val_split changed: best.pt is chosen afresh on the new split" in capsys.readouterr().out
     assert torch.load(run_dir / "best.pt", weights_only=False)["best_epoch"] == 2  # the new split's only score
 
-    changed = overrides(shards, run_dir, "optim.lr=0.5", "seed=4")
+    changed = overrides(shards, run_dir, "optim.lr=0.5", "seed=4", "optim.weight_decay=0.1")
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *changed]) == 1
-    assert "optim.lr: 0.002 -> 0.5; seed: 3 -> 4. Resume with the same settings" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the learning rate may change on resume (the remedy for a diverged loss)
+    assert "optim.weight_decay: 0.05 -> 0.1; seed: 3 -> 4. Resume with the same settings" in err, err
 
 
 class CrashingLoader:
@@ -281,7 +286,8 @@ def test_a_mid_epoch_checkpoint_of_another_process_count_is_refused_before_anyth
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0
     checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
     checkpoint.update(world_size=2, batch_in_epoch=1, epoch=0)  # as if 2 processes had stopped mid-epoch
-    torch.save(checkpoint, run_dir / "last.pt")
+    del checkpoint["checksum"]
+    write_checkpoint(checkpoint, run_dir / "last.pt")
     capsys.readouterr()
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "--resume", *overrides(shards, run_dir)]) == 1
     out, err = capsys.readouterr()
@@ -304,7 +310,7 @@ def test_torchrun_two_processes_gloo(shards, tmp_path):
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2 and len(checkpoint["data"]) == 2
     assert checkpoint["data"][0]["epoch"] == 1
     again = subprocess.run(result.args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert again.returncode != 0 and again.stderr.count("last.pt exists: pass --resume") == 1  # said once
+    assert again.returncode != 0 and again.stderr.count("of an earlier run: pass --resume") == 1  # said once
 
 
 def test_predict_tool_scores_videos_as_the_test_mode_does(shards, tmp_path, capsys):
@@ -354,38 +360,85 @@ def test_predict_tool_scores_videos_as_the_test_mode_does(shards, tmp_path, caps
     assert "eval.test_crops=10 adds the mirror image of each crop" in capsys.readouterr().err  # data.flip: none
 
 
-def test_multiview_test_on_official_checkpoint(shards, tmp_path, capsys):
+GOLDEN_SIZES = ["model.width=64", "model.layers=2", "model.side_dim=64", "model.num_classes=5"]
+
+
+@pytest.fixture(scope="module")
+def five_class_shards(shards) -> Path:
+    """The val videos packed with a labels file of the golden checkpoint's 5 classes."""
+    videos, out = shards.parent / "videos", shards.parent / "shards5"
+    labels = out.parent / "labels5.csv"
+    labels.write_text("id,name\n" + "".join(f"{i},class {i}\n" for i in range(5)))
+    run_tool("tools/make_shards.py", str(videos / "val.txt"), "--root", str(videos), "--out", str(out),
+             "--split", "val", "--short-side", "0", "--workers", "1", "--labels", str(labels))
+    return out
+
+
+def test_multiview_test_on_official_checkpoint(five_class_shards, tmp_path, capsys):
     official = tdsclip.load_model(GOLDEN, num_segments=2)
     run_dir = tmp_path / "test"
     args = ["--cfg", str(ROOT / "configs/demo.yaml"), "--test", "--weights", str(GOLDEN), "--test-crops", "3",
-            "--test-clips", "2", *overrides(shards, run_dir, "data.test_split=val", "data.eval_batch_size=2")]
+            "--test-clips", "2", *overrides(five_class_shards, run_dir, "data.test_split=val", "data.eval_batch_size=2",
+                                            *GOLDEN_SIZES)]
     assert launch.main(args) == 0
     assert "test (3 crops x 2 clips" in capsys.readouterr().out
     recorded = (run_dir / "test_config.yaml").read_text()
     assert "test_crops: 3" in recorded and "test_clips: 2" in recorded
-    result = json.loads((run_dir / "test_results.json").read_text())
-    num_val = pipelines.loader(shard_paths(shards, "val"), "val", 4, 2, image_size=16, resize=18).num_samples
-    assert result["num_videos"] == num_val and result["views"] == 6
-    assert result["model"]["side_dim"] == official.config.side_dim and result["model"]["num_segments"] == 2
-    keys = [p["key"] for p in result["predictions"]]
+    result = json.loads((run_dir / "test_checkpoint_3x2.json").read_text())  # named after the weights and views
+    num_val = pipelines.loader(shard_paths(five_class_shards, "val"), "val", 4, 2, image_size=16, resize=18).num_samples
+    assert result["num_videos"] == num_val and result["views"] == 6 and result["weights"] == str(GOLDEN)
+    keys = [v["key"] for v in result["videos"]]
     assert len(set(keys)) == len(keys) == num_val  # every video once
-    hits = [p["top5"][0] == p["label"] for p in result["predictions"]]
+    hits = [v["top5"][0]["class"] == v["label"] for v in result["videos"]]
     assert result["top1"] == pytest.approx(100 * sum(hits) / len(hits))
+    assert all(v["label_name"] == f"class {v['label']}" and v["top5"][0]["name"] == f"class {v['top5'][0]['class']}"
+               for v in result["videos"])
+    per_class = {c["class"]: c for c in result["per_class"]}
+    for label in range(5):  # per-class accuracy from the per-video results
+        mine = [v["top5"][0]["class"] == label for v in result["videos"] if v["label"] == label]
+        assert per_class[label]["videos"] == len(mine)
+        assert per_class[label]["top1"] == (pytest.approx(100 * sum(mine) / len(mine)) if mine else None)
 
     # the first video's prediction equals the softmax mean over its 6 views computed directly
-    loader = pipelines.loader(shard_paths(shards, "val"), "test", 1, 2, image_size=16, resize=18,
+    loader = pipelines.loader(shard_paths(five_class_shards, "val"), "test", 1, 2, image_size=16, resize=18,
                               test_crops=3, test_clips=2, seed=3)
     batch = next(iter(loader))
     with torch.no_grad():
         probs = official(batch["clips"]).softmax(-1).mean(0)  # (6 views, C) -> (C,)
-    direct = probs.topk(5).indices.tolist()
-    by_key = {p["key"]: p["top5"] for p in result["predictions"]}
-    assert by_key[batch["key"][0]] == direct
+    top = probs.topk(5)
+    by_key = {v["key"]: v["top5"] for v in result["videos"]}
+    assert [c["class"] for c in by_key[batch["key"][0]]] == top.indices.tolist()
+    assert [c["prob"] for c in by_key[batch["key"][0]]] == pytest.approx(top.values.tolist(), abs=1e-6)
+
+
+def test_test_and_predict_configs_are_bound_to_the_checkpoint(shards, five_class_shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0
+    capsys.readouterr()
+    test = ["--cfg", str(ROOT / "configs/demo.yaml"), "--test", "--weights", str(run_dir / "last.pt")]
+    for override, message in (("model.num_segments=4", "model.num_segments: 2 in the weights' training config, 4 here"),
+                              ("data.resize=20", "data.resize: 18 in the weights' training config, 20 here"),
+                              ("data.sampling=kinetics", "data.sampling: 'something' in the weights' training")):
+        assert launch.main([*test, *overrides(shards, tmp_path / "t", override)]) == 1
+        assert message in capsys.readouterr().err
+    # views, batch size and threads are free
+    free = overrides(shards, tmp_path / "t", "data.test_split=val", "data.eval_batch_size=3", "data.num_threads=2")
+    assert launch.main([*test, *free, "--test-crops", "3"]) == 0
+    capsys.readouterr()
+    # an official checkpoint records no config: its tensors must fit the given sizes
+    official = ["--cfg", str(ROOT / "configs/demo.yaml"), "--test", "--weights", str(GOLDEN)]
+    assert launch.main([*official, *overrides(five_class_shards, tmp_path / "t", "data.test_split=val")]) == 1
+    assert "model.width: 64 in the tensors, 32 in the config" in capsys.readouterr().err
+    # weights of another class count than the shards': an error, not a silent score
+    assert launch.main([*official, *overrides(shards, tmp_path / "t", "data.test_split=val", *GOLDEN_SIZES)]) == 1
+    assert "names 3 classes and the weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("rank, local_rank, printed", [(0, 0, {"config", "files", "samples", "loss"}),
                                                        (1, 1, {"samples"}), (2, 0, {"config", "files", "samples"})])
 def test_errors_are_said_once_per_node_or_by_the_rank_they_concern(rank, local_rank, printed, capsys):
+    from tdsclip.metrics import MetricsLogger
+    from tdsclip.run import report_error
     from tdsclip.train import NonFiniteLossError
 
     world = World(rank=rank, world_size=4, local_rank=local_rank, device=torch.device("cpu"))
@@ -394,7 +447,7 @@ def test_errors_are_said_once_per_node_or_by_the_rank_they_concern(rank, local_r
               "loss": NonFiniteLossError("training loss is nan at optimizer step 7")}
     said = set()
     for kind, error in errors.items():
-        launch.report_error(error, world)
+        report_error(error, world, MetricsLogger("unused", tensorboard=False, progress="plain"))
         err = capsys.readouterr().err
         if err:
             said.add(kind)

@@ -91,7 +91,7 @@ class MetricsLogger:
         """A loader batch's first clips as the model sees them (de-normalised, captioned) at `step`."""
         if self.sink is not None:
             names = class_names or [str(label) for label in range(int(batch["label"].max()) + 1)]
-            sheet, _ = pictures.batch_sheet(batch, names, count=count, scale=2)
+            sheet, _ = pictures.batch_sheet(batch, names, count=count)
             self.sink.image(tag, step, sheet)
 
     def evaluation(self, split: str, step: int, result: dict, class_names: list[str] | None) -> None:

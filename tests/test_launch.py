@@ -313,14 +313,28 @@ def test_torchrun_two_processes_gloo(shards, tmp_path):
     assert again.returncode != 0 and again.stderr.count("of an earlier run: pass --resume") == 1  # said once
 
 
-def test_predict_tool_scores_videos_as_the_test_mode_does(shards, tmp_path, capsys):
+GOLDEN_SIZES = ["model.width=64", "model.layers=2", "model.side_dim=64", "model.num_classes=5"]
+
+
+@pytest.fixture(scope="module")
+def five_class_shards(shards) -> Path:
+    """The val videos packed with a labels file of the golden checkpoint's 5 classes."""
+    videos, out = shards.parent / "videos", shards.parent / "shards5"
+    labels = out.parent / "labels5.csv"
+    labels.write_text("id,name\n" + "".join(f"{i},class {i}\n" for i in range(5)))
+    run_tool("tools/make_shards.py", str(videos / "val.txt"), "--root", str(videos), "--out", str(out),
+             "--split", "val", "--short-side", "0", "--workers", "1", "--labels", str(labels))
+    return out
+
+
+def test_predict_tool_scores_videos_as_the_test_mode_does(shards, five_class_shards, tmp_path, capsys):
     from shards.sources import read_list
     from shards.synthetic import indexed_frames, write_frame_folder
     from tools import predict
 
     videos = shards.parent / "videos"
-    config = ["--cfg", str(ROOT / "configs/demo.yaml"), *[f"--override={o}" for o in
-              overrides(shards, tmp_path / "unused", "data.test_split=val", "data.eval_batch_size=2")]]
+    config = ["--cfg", str(ROOT / "configs/demo.yaml"),  # overrides as launch.py takes them
+              *overrides(shards, tmp_path / "unused", "data.test_split=val", "data.eval_batch_size=2", *GOLDEN_SIZES)]
     (tmp_path / "broken.mp4").write_text("not a video")
     folder = tmp_path / "frames"
     write_frame_folder(folder, indexed_frames(6, 24, 24))
@@ -345,9 +359,11 @@ def test_predict_tool_scores_videos_as_the_test_mode_does(shards, tmp_path, caps
 
     run_dir = tmp_path / "test"
     args = ["--cfg", str(ROOT / "configs/demo.yaml"), "--test", "--weights", str(GOLDEN), "--test-crops", "3",
-            "--test-clips", "2", *overrides(shards, run_dir, "data.test_split=val", "data.eval_batch_size=2")]
+            "--test-clips", "2", *overrides(five_class_shards, run_dir, "data.test_split=val", "data.eval_batch_size=2",
+                                            *GOLDEN_SIZES)]
     assert launch.main(args) == 0
-    tested = {p["key"]: p["top5"][:3] for p in json.loads((run_dir / "test_results.json").read_text())["predictions"]}
+    tested = {v["key"]: [t["class"] for t in v["top5"][:3]]
+              for v in json.loads((run_dir / "test_checkpoint_3x2.json").read_text())["videos"]}
     assert [[t["class"] for t in p["top"]] for p in predicted[:-1]] == [tested[s.key] for s in sources]
     assert predict.main([inputs[0], *config, "--weights", str(tmp_path / "missing.pt")]) == 2  # before any work
     assert "checkpoint not found" in capsys.readouterr().err
@@ -358,20 +374,6 @@ def test_predict_tool_scores_videos_as_the_test_mode_does(shards, tmp_path, caps
     assert "labels.csv: 2 classes, but the weights have 5" in capsys.readouterr().err  # before any work
     assert predict.main([inputs[0], *config, "--weights", str(GOLDEN), "--test-crops", "10"]) == 0
     assert "eval.test_crops=10 adds the mirror image of each crop" in capsys.readouterr().err  # data.flip: none
-
-
-GOLDEN_SIZES = ["model.width=64", "model.layers=2", "model.side_dim=64", "model.num_classes=5"]
-
-
-@pytest.fixture(scope="module")
-def five_class_shards(shards) -> Path:
-    """The val videos packed with a labels file of the golden checkpoint's 5 classes."""
-    videos, out = shards.parent / "videos", shards.parent / "shards5"
-    labels = out.parent / "labels5.csv"
-    labels.write_text("id,name\n" + "".join(f"{i},class {i}\n" for i in range(5)))
-    run_tool("tools/make_shards.py", str(videos / "val.txt"), "--root", str(videos), "--out", str(out),
-             "--split", "val", "--short-side", "0", "--workers", "1", "--labels", str(labels))
-    return out
 
 
 def test_multiview_test_on_official_checkpoint(five_class_shards, tmp_path, capsys):

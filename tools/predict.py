@@ -71,11 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="frame file names in frame folders, numbered from 1 (default: %(default)s)")
     p.add_argument("--json", type=Path, help="also write the predictions here")
     p.add_argument("--sheet", type=Path, metavar="OUT.png", help="also draw each input's frames and top classes here")
-    p.add_argument("--override", action="append", default=[], help=argparse.SUPPRESS)  # older form of the overrides
     args = p.parse_intermixed_args(argv)  # inputs and overrides may come before and after the options
     if args.top < 1:
         p.error("--top must be >= 1")
-    args.override += [item for item in args.inputs if is_override(item)]
+    args.override = [item for item in args.inputs if is_override(item)]
     args.inputs = [item for item in args.inputs if not is_override(item)]
     if not args.inputs:
         p.error("no inputs: give video files or frame folders (key.sub=value arguments are config overrides)")

@@ -10,7 +10,7 @@ import pipelines
 from pipelines import augment, params
 from pipelines import plan as plan_module
 from pipelines.config import parse_randaugment
-from test_pipelines import CUDA, SIZE, gradient_image, write_shards
+from test_pipelines import CUDA, SIZE, gradient_image, loader_of, write_shards
 
 
 def test_scaled_size_follows_torchvision_resize_and_exact_sizes():
@@ -77,8 +77,8 @@ def _mean_column(views: torch.Tensor) -> torch.Tensor:
 
 
 def test_three_crops_are_left_right_centre(gradient_shards):
-    batch = next(iter(pipelines.loader(gradient_shards, "test", 1, num_segments=1, test_crops=3,
-                                       num_threads=1, **SIZE)))
+    batch = next(iter(loader_of(gradient_shards, "test", 1, num_segments=1, test_crops=3,
+                                num_threads=1, **SIZE)))
     left, right, centre = _mean_column(batch["clips"][:, 0, 2, 0]).tolist()
     assert left < centre < right
 
@@ -89,7 +89,7 @@ def test_crop_windows_follow_the_official_scaling_of_the_source_not_the_stored_s
     stored = np.zeros((256, 456, 3), np.uint8)
     write_shards(tmp_path, "test", [{"key": "wide", "label": 0, "frames": [stored] * 4, "source_size": (640, 360)},
                                     {"key": "old", "label": 0, "frames": [stored] * 4}])  # an index without it
-    data = pipelines.loader(tmp_path, "test", 2, num_segments=1, test_crops=3, num_threads=1)
+    data = loader_of(tmp_path, "test", 2, num_segments=1, test_crops=3, num_threads=1)
     official = params.test_crops(256, 455, 224, 3)  # left, right, centre of the 455x256 official frame
     assert [x for _, x, _ in official] == [0, 228, 114]
     roi = data.plan(0).roi  # (R, O, 4) [y0, x0, y1, x1] in stored pixels
@@ -100,8 +100,8 @@ def test_crop_windows_follow_the_official_scaling_of_the_source_not_the_stored_s
 
 
 def test_ten_crops_alternate_plain_and_mirrored(gradient_shards):
-    batch = next(iter(pipelines.loader(gradient_shards, "test", 1, num_segments=1, test_crops=10,
-                                       num_threads=1, **SIZE)))
+    batch = next(iter(loader_of(gradient_shards, "test", 1, num_segments=1, test_crops=10,
+                                num_threads=1, **SIZE)))
     views = batch["clips"][:, 0, 2, 0]  # (10, S, S) red channel
     increasing = (views[:, :, -3:].mean((1, 2)) > views[:, :, :3].mean((1, 2))).tolist()
     assert increasing == [True, False] * 5

@@ -13,6 +13,7 @@ import pipelines
 from pipelines import config as config_module
 from pipelines import reader as reader_module
 from pipelines.config import DataConfig
+from pipelines.plan import ClipSpec
 from shards.manifest import Manifest, read_manifest, write_json_atomic
 from test_pipelines import SIZE, decoded_indices, indexed_videos, write_shards
 
@@ -83,9 +84,9 @@ def test_build_loader_reads_each_manifest_once_and_matches_the_plain_loader(name
     assert reads == ["train", "val"]
     assert train.classes == val.classes == ["left", "right", "up"] and (train.num_videos, val.num_videos) == (6, 3)
     assert train.views == 2 and val.views == 1
-    plain = pipelines.loader(named_shards, "train", 2, num_sample=2, flip="plain", grayscale_prob=0.5, seed=3,
-                             num_threads=1, resize=SIZE["resize"], **GEOMETRY)
-    for ours, theirs in zip(train, plain):  # the same epoch plan and pixels as the argument-by-argument loader
+    spec = ClipSpec(split="train", num_sample=2, flip="plain", grayscale_prob=0.5, num_segments=2, **SIZE)
+    plain = pipelines.Loader(reader_module.shard_paths(named_shards, "train"), spec, 2, seed=3, num_threads=1)
+    for ours, theirs in zip(train, plain):  # the same epoch plan and pixels as the low-level constructor
         assert ours["key"] == theirs["key"] and torch.equal(ours["label"], theirs["label"])
         torch.testing.assert_close(ours["clips"], theirs["clips"], atol=0, rtol=0)
     test = pipelines.build_loader(data, "test", batch_size=1, test_crops=3, test_clips=2, **GEOMETRY)  # val videos

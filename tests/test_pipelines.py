@@ -9,6 +9,7 @@ import io
 import json
 import multiprocessing
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -295,6 +296,24 @@ def test_one_pipeline_streams_consecutive_epochs(frame_shards):
     for got, want in zip(second, list(fresh)):
         assert got["key"] == want["key"] and torch.equal(got["clips"], want["clips"])
     assert [b["key"] for b in first] != [b["key"] for b in second]
+
+
+@pytest.mark.parametrize("layout", ["frames", "video"])
+def test_source_outputs_are_named_and_match_the_plan(tmp_path, layout):
+    write_shards(tmp_path, "train", indexed_videos(2, frames=12), layout=layout)
+    data = loader_of(tmp_path, "train", 2, num_segments=2, num_sample=2, grayscale_prob=0.5,
+                     randaugment="rand-m9-n2", **SIZE)
+    source = source_module.ClipSource(data.planner, data.mode, grayscale=True, randaugment=True)
+    per_view = ["roi_start", "roi_end", "mirror", "gray", "draws"]
+    inputs = ["encoded"] + (["frame_indices"] if layout == "video" else []) + ["frame_size"]
+    assert source.output_names == tuple(inputs + [f"{f}/{v}" for v in range(2) for f in per_view])
+    batch, plan = source.batch(0), data.plan(0)
+    repeat = 2 * 5 if layout == "frames" else 1  # frame mode: one row per frame of the clip
+    np.testing.assert_array_equal(batch["mirror/1"], np.repeat(plan.mirror[:2, 1], repeat))
+    np.testing.assert_array_equal(batch["draws/0"], np.repeat(plan.ra[:2, 0], repeat, axis=0))
+    np.testing.assert_array_equal(batch["roi_end/1"], np.repeat(plan.roi[:2, 1, 2:], repeat, axis=0))
+    assert len(batch["encoded"]) == 2 * repeat and batch["frame_size"].tolist() == [[24, 32]] * (2 * repeat)
+    assert len(source(SimpleNamespace(iteration=0))) == len(source.output_names)
 
 
 def test_frame_spans_merge_adjacent_members_and_keep_frame_order():

@@ -68,7 +68,7 @@ def build_mixup(*, num_classes: int, mixup_alpha: float, cutmix_alpha: float, sw
 def build_loader(config: RunConfig, world: World, model_config: ModelConfig, mode: str, batch_size: int):
     """This rank's loader of `mode` ("train", "val", "test") with the model's clip geometry."""
     return pipelines.build_loader(
-        pipelines.DataConfig(**vars(config.data)), mode, batch_size=batch_size, num_segments=model_config.num_segments,
+        config.data, mode, batch_size=batch_size, num_segments=model_config.num_segments,
         frames_per_segment=model_config.frames_per_segment, image_size=model_config.image_size, rank=world.rank,
         world_size=world.world_size, seed=config.seed, test_crops=config.eval.test_crops,
         test_clips=config.eval.test_clips)

@@ -22,7 +22,8 @@ from typing import Any, Literal
 import yaml
 
 from atomicfile import atomic_write_text
-from tdsclip.model import ModelConfig
+from pipelines.config import DataConfig
+from tdsclip.model_config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -82,63 +83,15 @@ class ModelSection(ModelConfig):
 
 
 @dataclass(kw_only=True)
-class DataSection:
-    """Shards and the DALI pipeline options (see pipelines.loader)."""
-
-    shards: str = "shards"  # directory holding <split>.manifest.json
-    train_split: str = "train"
-    val_split: str | None = "val"  # null: train without validation (no best.pt)
-    test_split: str = "val"  # the split the test mode reads (Kinetics/SSv2 test on val)
-    global_batch_size: int = 128  # videos per optimizer step, over all devices (paper: 16 x 8 GPUs)
-    max_device_batch_size: int = 16  # micro-batch cap per device; the rest is gradient accumulation
-    eval_batch_size: int = 16  # videos per device per eval batch
-    num_sample: int = 2  # augmented views of each training video (repeated augmentation)
-    sampling: Literal["something", "kinetics"] = "something"  # which official dataset class picks the frames
-    wrap_start: bool = False  # frames before a video's first from its end, as the official decord path
-    resize: int | list[int] = 256  # short side, or [H, W] (Something-Something: [256, 320])
-    flip: Literal["none", "plain", "swap"] = "plain"
-    flip_label_map: dict[int, int] | None = None
-    grayscale_prob: float = 0.0
-    randaugment: str | None = None  # e.g. "rand-m7-n4-mstd0.5-inc1"
-    num_threads: int | None = None
-    on_error: Literal["raise", "skip"] = "raise"
+class DataSection(DataConfig):
+    """The data options: pipelines.DataConfig, whose fields, choices and checks the pipelines declare
+    once (errors as data.<key>); RunConfig checks them against the model."""
 
     def __post_init__(self) -> None:
-        for name in ("shards", "train_split", "test_split"):
-            _check_name(getattr(self, name), f"data.{name}")
-        _check_name(self.val_split, "data.val_split", nullable=True)
-        for name in ("global_batch_size", "max_device_batch_size", "eval_batch_size", "num_sample"):
-            _check_range(getattr(self, name), f"data.{name}", 1)
-        _check_range(self.grayscale_prob, "data.grayscale_prob", 0, 1)
-        _check_range(self.num_threads, "data.num_threads", 1, nullable=True)  # null: this process's share of cores
-        self._check_resize()
-        self._check_flip_label_map()
-        self._check_randaugment()
-
-    def _check_resize(self) -> None:
-        pair = isinstance(self.resize, (list, tuple)) and len(self.resize) == 2
-        sides = [self.resize] if not isinstance(self.resize, (list, tuple)) else list(self.resize) if pair else []
-        _check(bool(sides) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sides),
-               "data.resize", f"must be an integer >= 1 (short side) or [H, W] of integers >= 1, got {self.resize!r}")
-
-    def _check_flip_label_map(self) -> None:
-        """Labels >= 0 here; RunConfig checks them against model.num_classes."""
-        for source, target in (self.flip_label_map or {}).items():
-            _check(source >= 0 and target >= 0, "data.flip_label_map",
-                   f"labels must be >= 0, got {source}: {target}")
-        _check(self.flip != "swap" or bool(self.flip_label_map), "data.flip_label_map",
-               "flip: swap needs a label map, e.g. {86: 87, 87: 86}")
-
-    def _check_randaugment(self) -> None:
-        if self.randaugment is None:
-            return
-        # imported here: the pipelines parse the spec, and a config without RandAugment need not import them
-        from pipelines.augment import parse_randaugment
-
         try:
-            parse_randaugment(self.randaugment)
+            super().__post_init__()
         except ValueError as error:
-            raise ConfigError(f"data.randaugment: {error}") from None
+            raise ConfigError(str(error)) from None
 
 
 @dataclass(kw_only=True)

@@ -33,7 +33,7 @@ RUN_ERRORS = (ConfigError, FileNotFoundError, ShardFormatError, CheckpointError,
 
 def run(config: RunConfig, args: argparse.Namespace) -> int:
     world = init_distributed()
-    seed = config.seed + world.rank
+    seed = (config.seed + world.rank) % 2**32  # numpy takes seeds below 2**32
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

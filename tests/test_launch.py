@@ -387,7 +387,7 @@ def test_multiview_test_on_official_checkpoint(five_class_shards, tmp_path, caps
     recorded = (run_dir / "test_config.yaml").read_text()
     assert "test_crops: 3" in recorded and "test_clips: 2" in recorded
     result = json.loads((run_dir / "test_checkpoint_3x2.json").read_text())  # named after the weights and views
-    num_val = pipelines.loader(shard_paths(five_class_shards, "val"), "val", 4, 2, image_size=16, resize=18).num_samples
+    num_val = len(pipelines.Loader(shard_paths(five_class_shards, "val"), ClipSpec(split="val"), 4).samples)
     assert result["num_videos"] == num_val and result["views"] == 6 and result["weights"] == str(GOLDEN)
     keys = [v["key"] for v in result["videos"]]
     assert len(set(keys)) == len(keys) == num_val  # every video once
@@ -402,8 +402,8 @@ def test_multiview_test_on_official_checkpoint(five_class_shards, tmp_path, caps
         assert per_class[label]["top1"] == (pytest.approx(100 * sum(mine) / len(mine)) if mine else None)
 
     # the first video's prediction equals the softmax mean over its 6 views computed directly
-    loader = pipelines.loader(shard_paths(five_class_shards, "val"), "test", 1, 2, image_size=16, resize=18,
-                              test_crops=3, test_clips=2, seed=3)
+    spec = ClipSpec(split="test", num_segments=2, image_size=16, resize=18, test_crops=3, test_clips=2)
+    loader = pipelines.Loader(shard_paths(five_class_shards, "val"), spec, 1, seed=3)
     batch = next(iter(loader))
     with torch.no_grad():
         probs = official(batch["clips"]).softmax(-1).mean(0)  # (6 views, C) -> (C,)

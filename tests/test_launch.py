@@ -455,3 +455,11 @@ def test_errors_are_said_once_per_node_or_by_the_rank_they_concern(rank, local_r
             said.add(kind)
             assert f"error (rank {rank}): {error}" in err
     assert said == printed
+
+
+def test_help_and_config_errors_come_before_torch_is_imported():
+    code = ("import sys, launch; status = launch.main(['--cfg', 'configs/demo.yaml', 'optim.lr=-1']); "
+            "print(status, 'torch' in sys.modules, 'open_clip' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr
+    assert result.stderr == "config error: configs/demo.yaml: optim.lr: must be > 0, got -1.0\n"

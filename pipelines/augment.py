@@ -11,8 +11,6 @@ import functools
 import numpy as np
 from nvidia.dali import fn, types
 
-# tdsclip/build.py imports parse_randaugment from here until it takes pipelines.config's
-from pipelines.config import parse_randaugment  # noqa: F401
 from pipelines.params import (RA_NUM_BINS, RA_OPS, RA_TRANSLATE, posterize_mask,
                               solarize_add_shift)
 

@@ -11,8 +11,7 @@ import functools
 import numpy as np
 from nvidia.dali import fn, types
 
-from pipelines.params import (RA_NUM_BINS, RA_OPS, RA_TRANSLATE, posterize_mask,
-                              solarize_add_shift)
+from pipelines.params import RA_NUM_BINS, RA_OPS, RA_TRANSLATE, posterize_mask, solarize_add_shift
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import pipelines
 from pipelines import augment, params
 from pipelines import plan as plan_module
 from pipelines.config import parse_randaugment

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import typing
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from pipelines import config as config_module
 from pipelines import reader as reader_module
 from pipelines.config import DataConfig
 from pipelines.plan import ClipSpec
-from shards.manifest import Manifest, read_manifest, write_json_atomic
+from shards.manifest import read_manifest, write_json_atomic
 from test_pipelines import SIZE, decoded_indices, indexed_videos, write_shards
 
 GEOMETRY = dict(num_segments=2, frames_per_segment=5, image_size=SIZE["image_size"])

@@ -13,13 +13,13 @@ from pipelines.config import DataConfig
 
 if TYPE_CHECKING:
     from pipelines.batches import Loader
-    from pipelines.build import build_loader, loader
+    from pipelines.build import build_loader
     from pipelines.reader import ShardReadError
 
-_LAZY = {"Loader": "pipelines.batches", "build_loader": "pipelines.build", "loader": "pipelines.build",
+_LAZY = {"Loader": "pipelines.batches", "build_loader": "pipelines.build",
          "ShardReadError": "pipelines.reader"}
 
-__all__ = ["DataConfig", "Loader", "ShardReadError", "build_loader", "loader"]
+__all__ = ["DataConfig", "Loader", "ShardReadError", "build_loader"]
 
 
 def __getattr__(name: str):

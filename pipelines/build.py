@@ -1,18 +1,12 @@
 """From a DataConfig to a Loader: `build_loader` reads the split's manifest once and makes the ClipSpec.
-
-`loader(...)` is the older entry point (26 plain arguments, tar paths or a shard directory), kept
-only until its last callers move to `build_loader`.
-"""
-
-import os
-from pathlib import Path
+(Tools and tests that hold tar paths build a `Loader` from a ClipSpec directly.)"""
 
 import torch
 
 from pipelines.batches import Loader
-from pipelines.config import DataConfig, Mode, parse_randaugment
+from pipelines.config import DataConfig, Mode
 from pipelines.plan import ClipSpec
-from pipelines.reader import read_split, shard_paths
+from pipelines.reader import read_split
 
 
 def build_loader(data: DataConfig, mode: Mode, *, batch_size: int, num_segments: int, frames_per_segment: int,
@@ -43,40 +37,3 @@ def build_loader(data: DataConfig, mode: Mode, *, batch_size: int, num_segments:
                   seed=seed, device=device, dtype=dtype, num_threads=data.num_threads, on_error=data.on_error,
                   py_workers=py_workers, hw_decoder_load=hw_decoder_load, classes=manifest.classes)
 
-
-def loader(shards: str | os.PathLike | list, split: str, batch_size: int, num_segments: int = 8, *,
-           frames_per_segment: int = 5, rank: int = 0, world_size: int = 1, seed: int = 0,
-           device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-           sampling: str = "something", wrap_start: bool = False, image_size: int = 224,
-           resize: int | tuple[int, int] = 256, num_sample: int = 1, flip: str = "none",
-           flip_label_map: dict[int, int] | None = None,
-           grayscale_prob: float = 0.0, randaugment: str | None = None, test_crops: int = 1,
-           test_clips: int = 1, num_threads: int | None = None, on_error: str = "raise",
-           py_workers: int | None = None, hw_decoder_load: float | None = None,
-           manifest: str | None = None) -> Loader:
-    """A Loader over `split` of `shards` (a directory with `<split>.manifest.json`, a list of tars, or one tar).
-
-    Transitional: new code calls build_loader (a DataConfig) or Loader (tar paths and a ClipSpec).
-    Options as DataConfig's and Loader's; `split` is the mode ("train", "val", "test"); `manifest`
-    names which `<manifest>.manifest.json` of a shard directory to read (default `split`), e.g.
-    split="test", manifest="val" for the multi-view test on the validation videos. flip defaults
-    to "none" here, and "swap" without flip_label_map swaps the Something-Something v2 pairs.
-    """
-    spec = ClipSpec(split=split, num_segments=num_segments, frames_per_segment=frames_per_segment,
-                    sampling_scheme=sampling, wrap_start=wrap_start, image_size=image_size, resize=resize,
-                    num_sample=num_sample, flip=flip, flip_label_map=flip_label_map, grayscale_prob=grayscale_prob,
-                    test_crops=test_crops, test_clips=test_clips,
-                    randaugment=parse_randaugment(randaugment) if randaugment and split == "train" else None)
-    one_tar = isinstance(shards, (str, os.PathLike)) and str(shards).endswith(".tar")
-    if manifest is not None and (one_tar or isinstance(shards, (list, tuple))):
-        raise ValueError("manifest= names a manifest of a shard directory; with tar paths, pass the tars you want")
-    try:
-        tars = [str(shards)] if one_tar else shard_paths(shards, manifest or split)
-    except FileNotFoundError as error:
-        missing_test_manifest = not (Path(shards) / "test.manifest.json").exists()
-        if manifest is None and split == "test" and missing_test_manifest:  # K400 / SSv2 test on their val videos
-            raise FileNotFoundError(f"{error}. To run the test views over another split's videos, pass "
-                                    f"manifest=, e.g. loader(..., 'test', ..., manifest='val')") from None
-        raise
-    return Loader(tars, spec, batch_size, rank=rank, world_size=world_size, seed=seed, device=device, dtype=dtype,
-                  num_threads=num_threads, on_error=on_error, py_workers=py_workers, hw_decoder_load=hw_decoder_load)

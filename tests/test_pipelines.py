@@ -568,19 +568,6 @@ def test_bad_arguments(frame_shards):
         loader_of(frame_shards, "test", 2, frames_per_segment=4, **SIZE)
 
 
-def test_transitional_loader_takes_tar_paths_and_another_splits_manifest(frame_shards):
-    """pipelines.loader(), kept until its last callers take build_loader: delete this test with it."""
-    tar = str(sorted(frame_shards.glob("test-*.tar"))[0])
-    by_tar = pipelines.loader(tar, "test", 2, num_segments=2, num_threads=1, **SIZE)
-    by_list = pipelines.loader([tar], "test", 2, num_segments=2, num_threads=1, **SIZE)
-    assert by_tar.samples and [s.key for s in by_tar.samples] == [s.key for s in by_list.samples]
-    assert pipelines.loader(frame_shards, "val", 2, num_segments=2, manifest="train", **SIZE).num_videos == 6
-    with pytest.raises(ValueError, match="with tar paths, pass the tars you want"):
-        pipelines.loader(tar, "test", 2, manifest="train", **SIZE)
-    with pytest.raises(FileNotFoundError, match=r"test.manifest.json.*pass manifest=, e.g."):
-        pipelines.loader(frame_shards.parent / "nowhere", "test", 2, **SIZE)
-
-
 def test_jpeg_header_check():
     from pipelines.reader import jpeg_headers_ok
 

@@ -201,6 +201,21 @@ class TDGate(nn.Module):
         return x + x * gate
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(E)) v for (N, heads, L, E) queries and (N, heads, 1 + L, E) keys and values.
+
+    On CPU as two matmuls and a softmax: PyTorch's CPU flash-attention backward runs at ~2 GFLOP/s in
+    bf16 at a side block's sizes (20 ms per block, 15% of a compiled ViT-B/16 step; forward + backward
+    17 ms against 7 ms for the matmuls, eager, one thread); fp32 costs the same either way. Under bf16
+    autocast the scores are bf16 before the (fp32) softmax, as in the official nn.MultiheadAttention
+    under AMP. Elsewhere SDPA's fused kernels.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, heads, L, 1 + L)
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
 class CrossAttention(nn.Module):
     """Patch tokens attend to [class token; patch tokens] (token 0 is the class token)."""
 
@@ -219,7 +234,7 @@ class CrossAttention(nn.Module):
         q = rearrange(q[:, 1:], "n l (h e) -> n h l e", h=self.heads)
         k = rearrange(k, "n l (h e) -> n h l e", h=self.heads)
         v = rearrange(v, "n l (h e) -> n h l e", h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, D / heads)
+        out = attention(q, k, v)  # (N, heads, L, D / heads)
         return self.proj(rearrange(out, "n h l e -> n l (h e)"))
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import json
 import statistics
 import sys
@@ -33,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tdsclip import ModelConfig, build_model, load_clip_weights, tiny_config, trainable_parameters  # noqa: E402
-from tdsclip.metrics import host_rss_bytes  # noqa: E402
+from tdsclip import ModelConfig, build_model, load_clip_weights, tiny_config, trainable_parameters
+from tdsclip.cpu_budget import CpuBudget, cpu_budget
+from tdsclip.metrics import host_rss_bytes
 
 
 @dataclass
@@ -62,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="local CLIP file for the backbone (random weights otherwise: a random ViT-B is chaotic, "
                         "so its bf16-vs-fp32 logit gap says little)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads, both sides (default: this process's CPU budget, all of it: no pipeline runs here)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (each: --steps of baseline, then ours)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side (ours compiles here)")
@@ -69,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
-    for name in ("batch", "segments", "rounds", "steps"):
-        if getattr(args, name) < 1:
+    for name in ("batch", "segments", "rounds", "steps", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     return args
 
@@ -83,6 +86,12 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         )
     side_dim = args.side_dim or (512 if args.arch.startswith("ViT-L") else 320)
     return ModelConfig(arch=args.arch, side_dim=side_dim, num_segments=args.segments, num_classes=args.classes)
+
+
+def model_budget(device: torch.device, threads: int | None) -> CpuBudget:
+    """The CPU budget of this process with all of it for torch (no pipeline runs here), or `threads`."""
+    budget = cpu_budget(device, torch_threads=threads)
+    return budget if threads is not None else dataclasses.replace(budget, torch_threads=budget.cpus)
 
 
 def sync(device: torch.device) -> None:
@@ -194,6 +203,9 @@ def measure(sides: list[Side], args: argparse.Namespace, device: torch.device) -
 def run(args: argparse.Namespace) -> dict:
     """Build both sides, measure them, and return the figures (see ``report``)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    budget = model_budget(device, args.threads)
+    budget.apply()  # before compiling: inductor's CPU kernels keep the thread count they are generated with
+    print(budget.describe(), file=sys.stderr)
     torch.manual_seed(0)
     config = model_config(args)
     baseline_model = build_model(config)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from atomicfile import atomic_write_text
-from pipelines.config import DataConfig
+from pipelines.config import DataConfig, TestCrops
 from tdsclip.model_config import ModelConfig
 
 
@@ -168,7 +168,7 @@ class LoggingSection:
 class EvalSection:
     every_epochs: int = 1
     skip_epochs: list[int] = field(default_factory=list)  # 0-based epochs with no validation (official)
-    test_crops: Literal[1, 3, 5, 10] = 1
+    test_crops: TestCrops = 1
     test_clips: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"  # validation and test; fp32 as official, bf16 faster on GPU
 

@@ -387,7 +387,7 @@ def test_multiview_test_on_official_checkpoint(five_class_shards, tmp_path, caps
     recorded = (run_dir / "test_config.yaml").read_text()
     assert "test_crops: 3" in recorded and "test_clips: 2" in recorded
     result = json.loads((run_dir / "test_checkpoint_3x2.json").read_text())  # named after the weights and views
-    num_val = len(pipelines.Loader(shard_paths(five_class_shards, "val"), ClipSpec(split="val"), 4).samples)
+    num_val = pipelines.Loader(shard_paths(five_class_shards, "val"), ClipSpec(split="val"), 4).num_videos
     assert result["num_videos"] == num_val and result["views"] == 6 and result["weights"] == str(GOLDEN)
     keys = [v["key"] for v in result["videos"]]
     assert len(set(keys)) == len(keys) == num_val  # every video once

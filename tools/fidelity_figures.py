@@ -275,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     sections = {"lr": lr_section, "remainder": remainder_section, "init": init_section,
                 "precision": precision_section, "randaugment": randaugment_section, "resample": resample_section}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sections", nargs="*", choices=[*sections, []], help="default: all")
+    p.add_argument("sections", nargs="*", help=f"any of {', '.join(sections)} (default: all)")
     args = p.parse_args(argv)
+    unknown = [name for name in args.sections if name not in sections]
+    if unknown:
+        p.error(f"unknown section {unknown[0]!r}; choose from {', '.join(sections)}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors; reproducible sums
     try:

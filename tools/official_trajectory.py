@@ -14,11 +14,11 @@ this project). What runs is the official code itself, unchanged:
   ``AverageMeter``, and timm's ``LabelSmoothingCrossEntropy`` (what ``main()`` picks).
 
 ``train_vision.py`` and ``utils/utils.py`` cannot be imported here (their imports need torchnet,
-termcolor, dotmap, RandAugment, pkg_resources and a distributed launch), so those pieces are lifted from
-the files' syntax trees (``ast``) and executed as written; the config is a plain namespace holding the
-keys they read. The data loader is replaced by fixed batches and no process group exists (``train()``
-touches neither when grad_accumulation_steps is 1). Only the recording is ours: the criterion is wrapped
-to note each step's loss and learning rates.
+termcolor, dotmap, RandAugment, pkg_resources and a distributed launch), so those pieces are lifted
+from the files' syntax trees (``ast``: the same statements, re-printed without comments) and executed;
+the config is a plain namespace holding the keys they read. The data loader is replaced by fixed
+batches, and no process group exists (``train()`` needs none when grad_accumulation_steps is 1). Only
+the recording is ours: the criterion is wrapped to note each step's loss and learning rates.
 
 Start: the official-layout checkpoint ``--init`` (default: tests/data/golden_tiny/checkpoint.pt: width 64,
 2 layers, patch 8, 16 px, side_dim 64, 5 classes). Run: epochs 1 and 2 of a 4-epoch schedule with 2
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import datetime
 import hashlib
 import importlib
 import importlib.util
@@ -42,7 +43,6 @@ import logging
 import math
 import sys
 import time
-import datetime
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -94,14 +94,21 @@ def lift(path: Path, names: set[str]) -> str:
 
 def lift_main_setup(path: Path) -> str:
     """From train_vision.main(): the freezing rule, the criterion, the AdamW groups and the scheduler, as written."""
-    main = next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    main = next((n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == "main"),
+                None)
+    if main is None:
+        raise SystemExit(f"error: {path} has no main(); is it the official checkout?")
     source = [ast.unparse(n) for n in main.body]
-    picks = [i for i, s in enumerate(source) if s.startswith(("if config.network.my_fix_clip", "mixup_fn = None"))]
-    start = next(i for i, s in enumerate(source) if s.startswith("clip_params = []"))
-    end = next(i for i, s in enumerate(source) if s.startswith("optimizer = optim.AdamW"))
-    criterion = next(i for i, s in enumerate(source) if s.startswith("if config.solver.mixup"))
-    scheduler = next(i for i, s in enumerate(source) if s.startswith("lr_scheduler = _lr_scheduler"))
-    return "\n".join(source[i] for i in [*picks, criterion, *range(start, end + 1), scheduler])
+
+    def find(prefix: str) -> int:
+        index = next((i for i, s in enumerate(source) if s.startswith(prefix)), None)
+        if index is None:
+            raise SystemExit(f"error: {path}: main() has no statement starting {prefix!r}; is it the official code?")
+        return index
+
+    first = [find(p) for p in ("if config.network.my_fix_clip", "mixup_fn = None", "if config.solver.mixup")]
+    groups = range(find("clip_params = []"), find("optimizer = optim.AdamW") + 1)
+    return "\n".join(source[i] for i in [*first, *groups, find("lr_scheduler = _lr_scheduler")])
 
 
 def official_config(settings: dict, side_dim: int, num_classes: int) -> SimpleNamespace:

@@ -8,6 +8,7 @@ files written before checksums existed, and official files, carry none and load 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import shutil
 from pathlib import Path
@@ -66,7 +67,8 @@ def write_checkpoint(obj: Any, path: str | Path, *, checksum: bool = True) -> No
         atomic_write(path, lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as error:
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-        cause = "no space left on the device" if free < 64 * 2**20 else f"{type(error).__name__}: {error}"
+        full = getattr(error, "errno", None) == errno.ENOSPC or free < 64 * 2**20  # torch.save's own error names no errno
+        cause = "no space left on the device" if full else f"{type(error).__name__}: {error}"
         kept = f"; the previous {path.name} is kept" if path.exists() else ""
         raise CheckpointError(f"cannot write {path}: {cause} ({free / 2**30:.2f} GiB free in {path.parent}){kept}. "
                               "Free space (or set output_dir=...), then resume") from None

@@ -363,3 +363,45 @@ def test_validation_runs_at_eval_precision_not_the_training_one(tmp_path, monkey
     trainer.precision, trainer.evaluation = "bf16", EvalSection(precision="fp32")
     trainer.fit()
     assert seen == ["fp32"]
+
+
+def read_images(run_dir, tag: str) -> list:
+    """The images TensorBoard holds under `tag`, decoded to (H, W, 3) uint8 arrays."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    return [np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")) for e in events.Images(tag)]
+
+
+def test_tensorboard_shows_the_clips_the_model_sees_and_each_validations_confusion_matrix(tmp_path):
+    import numpy as np
+
+    from tdsclip import pictures
+
+    names = ["left", "right", "still"]
+    trainer = make_trainer(tmp_path, epochs=2, accum=1, tensorboard=True)
+    trainer.class_names = names
+    trainer.fit()
+    trainer.metrics.close()
+    shown = read_images(tmp_path, "train/clips")
+    assert len(shown) == 2  # at the start of training and of the next epoch
+    for epoch, image in enumerate(shown):
+        loader = FakeLoader()
+        loader.set_epoch(epoch)
+        expected, captions = pictures.batch_sheet(next(iter(loader)), names, count=4)  # the loader's frames de-normalised
+        assert np.array_equal(image, expected) and captions[0].split(" | ")[0] in names
+
+    confusion = read_images(tmp_path, "val/confusion")[-1]  # after the last epoch, with the final weights
+    val = FakeLoader(num_batches=2, seed=99)
+    val.set_epoch(1)  # the second pass over the val loader
+    result = evaluate(trainer.eval_model, val, views=1, num_classes=NUM_CLASSES, device=torch.device("cpu"),
+                      keep_predictions=True)
+    assert np.array_equal(confusion, pictures.confusion_image(np.asarray(result["confusion"]), names))
+    matrix = pictures.confusion_matrix([p["label"] for p in result["predictions"]],
+                                       [p["top5"][0] for p in result["predictions"]], NUM_CLASSES)
+    assert matrix.tolist() == result["confusion"]  # the matrix the image shows is the test results' own

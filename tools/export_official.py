@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tdsclip.weights import CheckpointError, export_official, load_model  # noqa: E402
+from tdsclip.checkpoint_file import CheckpointError
+from tdsclip.weights import export_official, load_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import av
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from shards import format as fmt
 from shards.manifest import Rejection
@@ -273,6 +273,8 @@ def _decode_image(path: Path, data: bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.load()
         return image.convert("RGB")
+    except UnidentifiedImageError:  # its message names the in-memory buffer's address: not reproducible
+        raise _Reject(f"undecodable: frame {path}: not an image format Pillow reads") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise _Reject(f"undecodable: frame {path}: {error}") from None
 

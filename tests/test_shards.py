@@ -2,6 +2,7 @@
 and broken inputs: both list formats in both layouts, DALI's CPU decoders reading every sample back,
 rejections, --strict, and resuming after an interruption."""
 
+import dataclasses
 import hashlib
 import io
 import importlib.util
@@ -17,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.build import build_split
+from shards.build import build_split, merge_parts
 from shards.encode import EncodedSample, EncodeOptions, encode_source, target_size
 from shards.manifest import Rejection, ShardFormatError, read_frames, read_index, read_manifest, read_member_bytes, read_video
+from shards.parts import Part
 from shards.sources import Source, read_list
 from shards.synthetic import frame_index, indexed_frames, write_frame_folder, write_video
 from shards.workers import CRASH_REASON, ordered_results
@@ -532,3 +534,53 @@ def test_a_video_smaller_than_the_short_side_is_not_upscaled(tmp_path, layout):
         assert sample.num_bytes < 30 * 3000  # 342x256 upscaled frames took ~19 KB each
     assert target_size(640, 360, 256) == (456, 256) and target_size(360, 640, 256) == (256, 456)
     assert target_size(64, 48, 256) == (64, 48) and target_size(300, 256, 256) == (300, 256)
+
+
+def _members(manifest) -> list[tuple[str, bytes]]:
+    """Every tar member (name, data) of a split, in manifest order."""
+    members = []
+    for tar_path in manifest.tar_paths():
+        with tarfile.open(tar_path) as tar:
+            members += [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    return members
+
+
+def test_parts_merged_equal_one_run(dataset, tmp_path, capsys):
+    """Two --part runs into one --out and --merge give a single run's samples: the same members with the
+    same bytes in the same order, the same rejections and manifest (shard list and part count aside)."""
+    root = dataset["root"]
+    common = [str(root / "videos.txt"), "--root", str(root), "--short-side", str(SHORT_SIDE), "--shard-size", "4MB",
+              "--workers", "1"]
+    assert make_shards.main([*common, "--out", str(tmp_path / "one")]) == 0
+    parts = tmp_path / "parts"
+    assert make_shards.main([*common, "--out", str(parts), "--part", "1/2"]) == 0
+    capsys.readouterr()
+    assert make_shards.main([*common, "--out", str(parts), "--merge"]) == 2  # part 0/2 is not done yet
+    assert "1 of the 2 parts of the train split are not finished (0/2)" in capsys.readouterr().err
+    assert make_shards.main([*common, "--out", str(parts), "--part", "0/2"]) == 0
+    assert make_shards.main([*common, "--out", str(parts), "--merge"]) == 0
+
+    one, merged = read_manifest(tmp_path / "one", "train"), read_manifest(parts, "train")
+    assert {s.tar.split("-")[1] for s in merged.shards} == {"part0000of0002", "part0001of0002"}
+    assert _members(merged) == _members(one)
+    def samples(manifest):  # the index entries without their tar and offsets
+        return [dataclasses.replace(e, tar=None, frames=None) for p in manifest.index_paths() for e in read_index(p)]
+    assert samples(merged) == samples(one) and len(samples(one)) == 3
+    one_json, merged_json = one.to_json(), merged.to_json()
+    assert merged_json["build"].pop("parts") == 2
+    assert len(one_json.pop("shards")) < len(merged_json.pop("shards"))  # a shard ends where a part ends
+    assert merged_json == one_json and len(merged.rejected) == 7  # rejections, in the single run's order too
+    assert make_shards.main([*common, "--out", str(parts)]) == 2  # a single run into parts' output is refused
+    assert "holds shards of --part runs" in capsys.readouterr().err
+
+
+def test_parts_of_one_sample_per_shard_are_byte_identical_to_one_run(dataset, tmp_path):
+    sources = read_list(dataset["root"] / "folders.txt")
+    options = EncodeOptions(short_side=SHORT_SIDE)
+    one = build_split(sources, dataset["root"], tmp_path / "one", ["0", "1"], options, shard_size=1)
+    for index in range(3):  # 6 inputs, 3 parts: some parts hold rejections only
+        build_split(sources, dataset["root"], tmp_path / "parts", ["0", "1"], options, shard_size=1,
+                    part=Part(index, 3))
+    merged = merge_parts(sources, tmp_path / "parts", ["0", "1"], options, shard_size=1)
+    assert [s.sha256 for s in merged.shards] == [s.sha256 for s in one.shards]
+    assert merged.rejected == one.rejected and merged.num_samples == one.num_samples == 2

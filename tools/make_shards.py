@@ -3,12 +3,15 @@
     python tools/make_shards.py LIST --root DIR --out DIR [--split train] [--labels CSV]
         [--layout frames|video] [--short-side 256] [--quality 95 | --crf 32 --gop 32 --speed 6
         --deadline good|realtime] [--shard-size 1GB] [--workers N] [--seed 0]
-        [--image-tmpl img_{:05d}.jpg --fps 30] [--strict]
+        [--image-tmpl img_{:05d}.jpg --fps 30] [--strict] [--part I/N | --merge]
 
 LIST holds raw videos (`<path> <label>`) or frame folders (`<folder> <num frames> <label>`), paths
 relative to --root. Writes OUT/<split>-NNNNNN.tar + .index.json and OUT/<split>.manifest.json
 (docs/shard_format.md). Inputs that cannot be packed are listed in the manifest and summarized; the run
 goes on (--strict: exit status 1 if any). Rerunning an interrupted command keeps its finished shards.
+
+On many machines: run the same command with --part 0/N, ..., --part N-1/N (a SLURM array, any
+scheduler; all into one --out), then once with --merge instead of --part to write the manifest.
 """
 
 import argparse
@@ -24,10 +27,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from shards import format as fmt
-from shards.build import BuildError, Interrupted, build_split
+from shards.build import BuildError, Interrupted, build_split, merge_parts
 from shards.encode import EncodedSample, EncodeOptions
 from shards.lock import OutputLocked
 from shards.manifest import Manifest
+from shards.parts import Part
 from shards.sources import ListFormatError, class_names, read_labels, read_list
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -56,6 +60,14 @@ def parse_size(text: str) -> int:
     return size
 
 
+def parse_part(text: str) -> Part:
+    """'I/N' -> Part, for argparse."""
+    try:
+        return Part.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = EncodeOptions()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -81,6 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--strict", action="store_true", help="exit with status 1 if any input is rejected")
+    many = p.add_mutually_exclusive_group()
+    many.add_argument("--part", type=parse_part, help="pack only part I of N (I = 0..N-1) of the split; then --merge")
+    many.add_argument("--merge", action="store_true",
+                      help="write the manifest from the N finished --part runs (the same command otherwise)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
@@ -107,10 +123,14 @@ def _drop_bar(progress: Progress) -> None:
     progress.disable = True
 
 
-def summarize(console: Console, manifest: Manifest, seconds: float, resumed: int) -> None:
+def summarize(console: Console, manifest: Manifest, seconds: float, resumed: int, part: Part | None) -> None:
     total = sum(s.bytes for s in manifest.shards)
-    console.print(f"{manifest.split}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
+    name = manifest.split if part is None else f"{manifest.split} part {part}"
+    console.print(f"{name}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
                   f"{total / 1e9:.2f} GB, layout {manifest.layout}, {seconds:.0f} s -> {manifest.directory}")
+    if part is not None:
+        console.print(f"when all {part.count} parts are done: the same command with --merge instead of --part "
+                      f"writes {manifest.split}.manifest.json", highlight=False)
     if resumed:
         console.print(f"resumed: {resumed} inputs were done by an earlier run; its finished shards were kept "
                       f"and its rejections are not rechecked (to recheck, delete {manifest.directory}/"
@@ -154,17 +174,41 @@ def main(argv: list[str] | None = None) -> int:
                                 folder_fps=args.fps, image_tmpl=args.image_tmpl)
         sources = read_list(args.list)
         classes = class_names(sources, read_labels(args.labels) if args.labels else None, str(args.list))
-    except (ValueError, FileNotFoundError) as error:
+        if not args.root.is_dir():
+            raise ValueError(f"--root {args.root} is not a directory")
+        start = time.perf_counter()
+        if args.merge:
+            manifest = merge_parts(sources, args.out, classes, options, split=args.split,
+                                   shard_size=args.shard_size, seed=args.seed)
+            resumed = 0
+        else:
+            manifest, resumed = pack(args, console, sources, classes, options)
+    except (BuildError, OutputLocked, ListFormatError, ValueError, FileNotFoundError) as error:
         console.print(f"[red]error:[/] {error}", highlight=False)
         return 2
-    if not args.root.is_dir():
-        console.print(f"[red]error:[/] --root {args.root} is not a directory", highlight=False)
-        return 2
+    except Interrupted as stop:
+        console.print(f"interrupted: {stop.shards} finished shards kept in {args.out} ({stop.inputs} of "
+                      f"{stop.total} inputs); rerun the same command to resume", highlight=False)
+        return STOP.exit_status
+    summarize(console, manifest, time.perf_counter() - start, resumed, args.part)
+    if args.part is not None:
+        return 1 if args.strict and manifest.rejected else 0  # an empty part is fine; the merge checks the split
+    if not manifest.num_samples:
+        console.print(f"[red]error:[/] no input of {args.list} could be packed (reasons above); "
+                      f"the {args.split} split is empty", highlight=False)
+        return 1
+    return 1 if args.strict and manifest.rejected else 0
+
+
+def pack(args: argparse.Namespace, console: Console, sources: list, classes: list[str],
+         options: EncodeOptions) -> tuple[Manifest, int]:
+    """build_split with a progress bar; returns the manifest and the inputs an earlier run had done. On an
+    error or interrupt the bar is removed before the exception goes on (its one line says it all)."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                TextColumn("rejected {task.fields[rejected]}"), TimeRemainingColumn())
-    start = time.perf_counter()
+    name = args.split if args.part is None else f"{args.split} part {args.part}"
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(args.split, total=len(sources), bytes=0, rejected=0, resumed=0)
+        task = progress.add_task(name, total=len(sources), bytes=0, rejected=0, resumed=0)
 
         def on_result(result) -> None:
             task_fields = progress.tasks[task].fields
@@ -175,29 +219,18 @@ def main(argv: list[str] | None = None) -> int:
 
         resumed = []
 
-        def on_start(done: int, rejected: int) -> None:
+        def on_start(done: int, rejected: int, total: int) -> None:
             resumed.append(done)
-            progress.reset(task, completed=done, bytes=0, rejected=rejected, resumed=done)
+            progress.reset(task, total=total, completed=done, bytes=0, rejected=rejected, resumed=done)
 
         try:
             manifest = build_split(sources, args.root, args.out, classes, options, split=args.split,
                                    shard_size=args.shard_size, seed=args.seed, workers=args.workers,
-                                   on_start=on_start, on_result=on_result)
-        except (BuildError, OutputLocked, ListFormatError, ValueError) as error:
+                                   part=args.part, on_start=on_start, on_result=on_result)
+        except BaseException:
             _drop_bar(progress)
-            console.print(f"[red]error:[/] {error}", highlight=False)
-            return 2
-        except Interrupted as stop:
-            _drop_bar(progress)
-            console.print(f"interrupted: {stop.shards} finished shards kept in {args.out} ({stop.inputs} of "
-                          f"{stop.total} inputs); rerun the same command to resume", highlight=False)
-            return STOP.exit_status
-    summarize(console, manifest, time.perf_counter() - start, resumed[0])
-    if not manifest.num_samples:
-        console.print(f"[red]error:[/] no input of {args.list} could be packed (reasons above); "
-                      f"the {args.split} split is empty", highlight=False)
-        return 1
-    return 1 if args.strict and manifest.rejected else 0
+            raise
+    return manifest, resumed[0]
 
 
 if __name__ == "__main__":

@@ -584,3 +584,17 @@ def test_parts_of_one_sample_per_shard_are_byte_identical_to_one_run(dataset, tm
     merged = merge_parts(sources, tmp_path / "parts", ["0", "1"], options, shard_size=1)
     assert [s.sha256 for s in merged.shards] == [s.sha256 for s in one.shards]
     assert merged.rejected == one.rejected and merged.num_samples == one.num_samples == 2
+
+
+def test_quality_table_measures_bytes_and_fidelity(tmp_path, capsys):
+    """bench_shards --quality-table on one small natural-looking clip: more quality, more bytes and dB."""
+    from shards.synthetic import natural_video
+    from tools import bench_shards
+
+    write_video(tmp_path / "clip.mp4", natural_video(6, 48, 64, np.random.default_rng(0)))
+    bench_shards.quality_table([tmp_path / "clip.mp4"], [60, 95], seconds=0.01, repeats=1)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [row[0].strip() for row in rows] == ["clip.mp4 (64x48 -> 64x48)"] * 2  # kept: below the short side
+    (low_kb, low_db), (high_kb, high_db) = [(float(row[2]), float(row[3])) for row in rows]
+    assert high_kb > low_kb and high_db > low_db + 2 and low_db > 25
+    assert all(float(row[4]) > 0 and float(row[5]) > 0 for row in rows)

@@ -132,9 +132,10 @@ def summarize(console: Console, manifest: Manifest, seconds: float, resumed: int
         console.print(f"when all {part.count} parts are done: the same command with --merge instead of --part "
                       f"writes {manifest.split}.manifest.json", highlight=False)
     if resumed:
+        files = manifest.split if part is None else part.stem(manifest.split)
         console.print(f"resumed: {resumed} inputs were done by an earlier run; its finished shards were kept "
                       f"and its rejections are not rechecked (to recheck, delete {manifest.directory}/"
-                      f"{manifest.split}-* and rerun)")
+                      f"{files}-* and rerun)")
     if manifest.rejected:
         console.print(f"[yellow]{len(manifest.rejected)} inputs rejected[/] (all listed in the manifest):")
         for r in manifest.rejected[:20]:

@@ -53,11 +53,12 @@ RECORD_SUFFIX = ".part.json"
 
 
 def parts_in(names: list[str], split: str) -> set[Part]:
-    """The parts that file `names` (of one directory) belong to, finished or not."""
-    pattern = re.compile(rf"\.?{re.escape(split)}-part(\d{{4}})of(\d{{4}})[-.]")
+    """The parts whose shards or records are among file `names` (of one directory), finished or not; lock
+    files do not count (a run refused for a clash leaves one)."""
+    pattern = re.compile(rf"{re.escape(split)}-part(\d{{4}})of(\d{{4}})(-\d{{6}}\.(tar|index\.json)|\.part\.json)")
     found = set()
     for name in names:
-        if match := pattern.match(name):
+        if match := pattern.fullmatch(name):
             index, count = int(match.group(1)), int(match.group(2))
             if 0 <= index < count:
                 found.add(Part(index, count))

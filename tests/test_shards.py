@@ -558,7 +558,9 @@ def test_parts_merged_equal_one_run(dataset, tmp_path, capsys):
     assert make_shards.main([*common, "--out", str(parts), "--merge"]) == 2  # part 0/2 is not done yet
     assert "1 of the 2 parts of the train split are not finished (0/2)" in capsys.readouterr().err
     assert make_shards.main([*common, "--out", str(parts), "--part", "0/2"]) == 0
-    assert make_shards.main([*common, "--out", str(parts), "--merge"]) == 0
+    assert make_shards.main([*common, "--out", str(parts), "--part", "0/3"]) == 2  # parts of another count
+    assert "holds parts of 2 of the train split, not of 3" in capsys.readouterr().err
+    assert make_shards.main([*common, "--out", str(parts), "--merge"]) == 0  # the refused run left only a lock
 
     one, merged = read_manifest(tmp_path / "one", "train"), read_manifest(parts, "train")
     assert {s.tar.split("-")[1] for s in merged.shards} == {"part0000of0002", "part0001of0002"}

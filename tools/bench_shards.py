@@ -218,7 +218,8 @@ def pil_frames_per_second(jpegs: list[bytes], seconds: float, repeats: int) -> f
 
 def quality_table(videos: list[Path], qualities: list[int], seconds: float, repeats: int) -> None:
     """Print the markdown table of bytes, PSNR and decode speed per video and JPEG quality."""
-    print("| video (source -> stored) | quality | KB / frame | PSNR dB | PIL decode frames/s | DALI CPU decode frames/s |")
+    print("| video (source -> stored) | quality | KB / frame | PSNR dB | PIL decode frames/s "
+          "| DALI CPU decode frames/s |")
     print("|---|---|---|---|---|---|")
     for video in videos:
         for quality in qualities:

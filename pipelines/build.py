@@ -12,14 +12,15 @@ from pipelines.reader import read_split
 def build_loader(data: DataConfig, mode: Mode, *, batch_size: int, num_segments: int, frames_per_segment: int,
                  image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 test_crops: int = 1, test_clips: int = 1, py_workers: int | None = None,
+                 test_crops: int = 1, test_clips: int = 1, num_threads: int | None = None, py_workers: int | None = None,
                  hw_decoder_load: float | None = None) -> Loader:
     """This rank's Loader over the split that `mode` reads: data.train_split ("train"), data.val_split
     ("val") or data.test_split ("test": test_crops x test_clips views per video).
 
     Reads `<data.shards>/<split>.manifest.json` once: the Loader holds its class names
     (`loader.classes`). batch_size: videos per batch on this rank. num_segments, frames_per_segment,
-    image_size: the model's clip geometry (T, M, S). rank, world_size, seed, device, dtype, py_workers,
+    image_size: the model's clip geometry (T, M, S). num_threads: DALI CPU threads (default
+    data.num_threads). rank, world_size, seed, device, dtype, py_workers,
     hw_decoder_load: as for Loader. RandAugment, flips, grayscale and num_sample apply to "train" only.
     """
     split = {"train": data.train_split, "val": data.val_split, "test": data.test_split}[mode]
@@ -34,6 +35,6 @@ def build_loader(data: DataConfig, mode: Mode, *, batch_size: int, num_segments:
                     grayscale_prob=data.grayscale_prob if train else 0.0, test_crops=test_crops,
                     test_clips=test_clips, randaugment=data.randaugment_levels if train else None)
     return Loader([str(path) for path in manifest.tar_paths()], spec, batch_size, rank=rank, world_size=world_size,
-                  seed=seed, device=device, dtype=dtype, num_threads=data.num_threads, on_error=data.on_error,
+                  seed=seed, device=device, dtype=dtype, num_threads=num_threads or data.num_threads, on_error=data.on_error,
                   py_workers=py_workers, hw_decoder_load=hw_decoder_load, classes=manifest.classes)
 

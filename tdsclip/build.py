@@ -17,6 +17,7 @@ import pipelines
 from tdsclip.checkpoint import Checkpointer, data_fingerprint
 from tdsclip.checkpoint_file import CheckpointError, read_checkpoint_file
 from tdsclip.config import ConfigError, RunConfig, config_to_dict
+from tdsclip.cpu_budget import CpuBudget, cpu_budget
 from tdsclip.distributed import World
 from tdsclip.metrics import MetricsLogger, device_peak_tflops, plural, train_flops_per_clip
 from tdsclip.model import TDSCLIP, ModelConfig, build_model
@@ -65,13 +66,32 @@ def build_mixup(*, num_classes: int, mixup_alpha: float, cutmix_alpha: float, sw
 # --- data -------------------------------------------------------------------------------------
 
 
+def run_cpu_budget(config: RunConfig, world: World) -> CpuBudget:
+    """This process's CPU threads for torch, DALI and the shard readers (config `cpu.*`, data.num_threads)."""
+    try:
+        return cpu_budget(world.device, cpus=config.cpu.cpus, torch_threads=config.cpu.torch_threads,
+                          dali_threads=config.data.num_threads, py_workers=config.cpu.py_workers)
+    except ValueError as error:  # LOCAL_WORLD_SIZE set to something torchrun would not set
+        raise ConfigError(str(error)) from None
+
+
+def apply_cpu_budget(config: RunConfig, world: World, log: MetricsLogger) -> CpuBudget:
+    """Set torch's threads to this process's budget and say what it is; call before building anything."""
+    budget = run_cpu_budget(config, world)
+    budget.apply()
+    log.info(budget.describe())
+    return budget
+
+
 def build_loader(config: RunConfig, world: World, model_config: ModelConfig, mode: str, batch_size: int):
-    """This rank's loader of `mode` ("train", "val", "test") with the model's clip geometry."""
+    """This rank's loader of `mode` ("train", "val", "test") with the model's clip geometry and the
+    process's CPU budget."""
+    budget = run_cpu_budget(config, world)
     return pipelines.build_loader(
         config.data, mode, batch_size=batch_size, num_segments=model_config.num_segments,
         frames_per_segment=model_config.frames_per_segment, image_size=model_config.image_size, rank=world.rank,
         world_size=world.world_size, seed=config.seed, test_crops=config.eval.test_crops,
-        test_clips=config.eval.test_clips)
+        test_clips=config.eval.test_clips, num_threads=budget.dali_threads, py_workers=budget.py_workers)
 
 
 def build_loaders(config: RunConfig, world: World, model_config: ModelConfig, batch_size: int) -> tuple:

@@ -33,7 +33,7 @@ from tdsclip.weights import FORMAT, model_checkpoint
 # gradient clipping: the two remedies for a loss that diverged.
 RESUME_MAY_CHANGE = ("output_dir", "compile", "model.clip_weights", "model.init_weights", "data.shards",
                      "data.val_split", "data.num_threads", "data.on_error", "data.eval_batch_size", "logging.",
-                     "checkpoint.", "eval.", "schedule.epochs", "optim.lr", "optim.grad_clip", "cpu_threads")
+                     "checkpoint.", "eval.", "schedule.epochs", "optim.lr", "optim.grad_clip", "cpu.")
 CONTRACT_KEYS = ("optimizer", "schedule", "epoch", "step", "batch_in_epoch", "best_top1", "best_epoch",
                  "world_size", "rng", "data", "config")
 

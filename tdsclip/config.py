@@ -153,6 +153,21 @@ class CheckpointSection:
 
 
 @dataclass(kw_only=True)
+class CpuSection:
+    """This process's CPU threads (tdsclip/cpu_budget.py); null: derived from the CPUs it may use (affinity,
+    cgroup quota, shared by the local ranks). DALI's threads are data.num_threads."""
+
+    cpus: int | None = None  # CPUs this process may keep busy; null: its share of the node's
+    torch_threads: int | None = None  # torch intra-op threads; null: the budget's split
+    py_workers: int | None = None  # processes reading shard bytes for DALI; null: up to 4 on a GPU host, 0 on CPU
+
+    def __post_init__(self) -> None:
+        _check_range(self.cpus, "cpu.cpus", 1, nullable=True)
+        _check_range(self.torch_threads, "cpu.torch_threads", 1, nullable=True)
+        _check_range(self.py_workers, "cpu.py_workers", 0, nullable=True)
+
+
+@dataclass(kw_only=True)
 class LoggingSection:
     log_every: int = 10  # optimizer steps between log lines / TensorBoard points
     tensorboard: bool = True
@@ -192,6 +207,7 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    cpu: CpuSection = field(default_factory=CpuSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
 

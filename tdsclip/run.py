@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import pipelines
 from shards.manifest import ShardFormatError
-from tdsclip.build import build_test, build_trainer, test_view_note
+from tdsclip.build import apply_cpu_budget, build_test, build_trainer, test_view_note
 from tdsclip.checkpoint import Checkpointer
 from tdsclip.checkpoint_file import CheckpointError
 from tdsclip.config import ConfigError, RunConfig, config_to_dict, save_config
@@ -41,6 +41,7 @@ def run(config: RunConfig, args: argparse.Namespace) -> int:
                         progress=config.logging.progress)
     lock = RunDirLock(config.output_dir)
     try:
+        apply_cpu_budget(config, world, log)
         if args.test:
             test(config, args, world, log)
         else:

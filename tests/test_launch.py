@@ -463,3 +463,15 @@ def test_help_and_config_errors_come_before_torch_is_imported():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["2", "False", "False"], result.stderr
     assert result.stderr == "config error: configs/demo.yaml: optim.lr: must be > 0, got -1.0\n"
+
+
+def test_a_run_prints_and_applies_its_cpu_budget(shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1", "cpu.cpus=3",
+                                                                 "cpu.torch_threads=1")]
+    assert launch.main(args) == 0
+    assert "CPU budget: 3 CPUs (set in the config) -> torch 1 thread(s), DALI 1 thread(s), 0 reader process(es)" \
+        in capsys.readouterr().out  # data.num_threads=1 (TINY) sets DALI's share
+    assert torch.get_num_threads() == 1
+    assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), "cpu.torch_threads=0"]) == 2
+    assert "cpu.torch_threads: must be >= 1" in capsys.readouterr().err

@@ -44,7 +44,7 @@ from shards.encode import EncodeOptions
 from shards.manifest import ShardFormatError, read_manifest
 from shards.sources import IMAGE_TMPL, ListFormatError, Source, make_key, read_labels
 from tdsclip import pictures
-from tdsclip.build import build_test_loader, load_test_model, test_view_note
+from tdsclip.build import build_test_loader, load_test_model, run_cpu_budget, test_view_note
 from tdsclip.config import ConfigError, RunConfig, load_config
 from tdsclip.distributed import World
 from tdsclip.evaluate import video_probabilities
@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything that can be checked before the work
         encode = EncodeOptions(short_side=args.short_side, image_tmpl=args.image_tmpl)
         config = load_config(args.cfg, args.override)
+        run_cpu_budget(config, World(rank=0, world_size=1, local_rank=0, device=device)).apply()
         model = load_test_model(config, args.weights).to(device)
         labels = read_labels(args.classes) if args.classes else None
         names = class_names(config, labels, args.classes, model.config.num_classes)

@@ -29,7 +29,7 @@ import pipelines
 from atomicfile import atomic_write
 from shards.manifest import ShardFormatError
 from tdsclip import pictures
-from tdsclip.build import build_loader
+from tdsclip.build import build_loader, run_cpu_budget
 from tdsclip.config import ConfigError, RunConfig, config_from_dict, load_config
 from tdsclip.distributed import World
 
@@ -59,6 +59,7 @@ def make_loader(config: RunConfig, split: str, batch_size: int) -> pipelines.Loa
     """Rank 0's loader of `split` ("train" or "val"), built as the trainer builds it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     world = World(rank=0, world_size=1, local_rank=0, device=device)
+    run_cpu_budget(config, world).apply()
     return build_loader(config, world, config.model.model_config(), split, batch_size)
 
 

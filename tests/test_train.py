@@ -405,3 +405,20 @@ def test_tensorboard_shows_the_clips_the_model_sees_and_each_validations_confusi
     matrix = pictures.confusion_matrix([p["label"] for p in result["predictions"]],
                                        [p["top5"][0] for p in result["predictions"]], NUM_CLASSES)
     assert matrix.tolist() == result["confusion"]  # the matrix the image shows is the test results' own
+
+
+def test_a_tie_with_the_best_top1_saves_the_later_epoch_as_the_official_loop(tmp_path, monkeypatch):
+    import tdsclip.train as train_module
+
+    scores = iter([50.0, 40.0, 50.0])  # epoch 3 ties epoch 1
+    real = train_module.evaluate
+
+    def scripted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return dict(result, top1=next(scores))
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    trainer = make_trainer(tmp_path, epochs=3)
+    trainer.fit()
+    assert (trainer.state.best_top1, trainer.state.best_epoch) == (50.0, 2)
+    assert torch.load(tmp_path / "best.pt", weights_only=False)["epoch"] == 3

@@ -45,4 +45,4 @@ run_step demo 300 bash -c "rm -rf $demo && '$python' tools/make_synthetic.py $de
   '$python' launch.py --cfg configs/demo.yaml data.shards=$demo/shards output_dir=$demo/run --test \
     --weights $demo/run/best.pt --test-crops 3 --test-clips 2 &&
   '$python' tools/predict.py $demo/videos/videos/val/000000.mp4 --cfg configs/demo.yaml --weights $demo/run/best.pt \
-    --override data.shards=$demo/shards --short-side 0"  # bf16 + compile training, fp32 eval, predict on CUDA
+    data.shards=$demo/shards --short-side 0"  # bf16 + compile training, fp32 eval, predict on CUDA

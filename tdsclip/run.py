@@ -24,7 +24,7 @@ from tdsclip.config import ConfigError, RunConfig, config_to_dict, save_config
 from tdsclip.distributed import World, all_gather_objects, all_ranks_keys, close_distributed, init_distributed
 from tdsclip.evaluate import evaluate, results_path, test_record, write_results
 from tdsclip.metrics import MetricsLogger, plural
-from tdsclip.run_dir import RunDirError, RunDirLock, remove_leftovers
+from tdsclip.run_dir import RunDirError, RunDirLock, make_directory, remove_leftovers
 from tdsclip.stop import StopRequested, StopSignals
 from tdsclip.train import NonFiniteLossError
 
@@ -166,6 +166,7 @@ def resume(trainer, checkpoint: dict, changes: list[str], log: MetricsLogger) ->
 
 
 def test(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
+    make_directory(Path(config.output_dir))  # where the results go: a file in the way is said before the work
     if note := test_view_note(config):
         log.info(note)
     model, loader = build_test(config, world, args.weights, log)

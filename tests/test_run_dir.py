@@ -72,8 +72,9 @@ def test_a_second_run_into_the_same_directory_is_refused_and_a_dead_holder_is_ta
 
 def test_output_dir_under_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    assert launch.main(["--cfg", DEMO, f"output_dir={tmp_path}/file/run"]) == 1
-    assert f"output_dir {tmp_path}/file/run: {tmp_path}/file is a file, not a directory" in capsys.readouterr().err
+    for mode in ([], ["--test", "--weights", "w.pt"]):
+        assert launch.main(["--cfg", DEMO, f"output_dir={tmp_path}/file/run", *mode]) == 1
+        assert f"output_dir {tmp_path}/file/run: {tmp_path}/file is a file, not a directory" in capsys.readouterr().err
 
 
 def test_leftovers_of_killed_writes_are_removed(tmp_path):

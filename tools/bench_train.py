@@ -8,9 +8,11 @@ in memory (the model-only ceiling).
 
 Two trainers are built from the config, alike but for their threads:
 
-  naive   torch's default intra-op threads (as found at start: all cores, or OMP_NUM_THREADS) and the
-          pipelines' default DALI threads (data.num_threads, else the cores / local ranks)
-  budget  cpu_budget(device): torch threads and DALI threads split from this process's CPUs
+  naive   torch's default intra-op threads (as found at start: all cores, or OMP_NUM_THREADS) and as
+          many DALI threads (the cores / local ranks: the pipelines' default before the budget)
+  budget  the run's CPU budget (tdsclip.build.run_cpu_budget: config cpu.*, data.num_threads), as
+          launch.py applies it: torch and DALI threads split from this process's CPUs
+Reader processes (py_workers) are the budget's on both sides.
 
 Their steps alternate in rounds so that load from other jobs hits both alike. Prints clips/s, the
 data-wait fraction (time blocked on the pipeline / wall time) and s/step of each, then the ratios
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,9 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 from shards.manifest import ShardFormatError
-from tdsclip.build import build_trainer
+from tdsclip.build import build_trainer, run_cpu_budget
 from tdsclip.config import ConfigError, load_config
-from tdsclip.cpu_budget import CpuBudget, cpu_budget
+from tdsclip.cpu_budget import CpuBudget, local_world_size
 from tdsclip.distributed import init_distributed
 from tdsclip.metrics import MetricsLogger, StepTimer
 
@@ -76,9 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (each: naive, then budget)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, pipeline fill)")
     parser.add_argument("--busy", type=int, default=0, help="CPU-burning processes to run alongside (a busy machine)")
-    parser.add_argument("--cpus", type=int, help="budget: CPUs of this process (default: affinity/cgroup quota)")
-    parser.add_argument("--torch-threads", type=int, help="budget: torch threads instead of the split's")
-    parser.add_argument("--dali-threads", type=int, help="budget: DALI threads instead of the split's")
     args = parser.parse_args(argv)
     for name in ("steps", "rounds"):
         if getattr(args, name) < 1:
@@ -112,11 +112,15 @@ def endless(loader) -> Iterator:
         yield from loader
 
 
-def build_setup(name: str, args, overrides: list[str], world, log, tmp: str, threads: int, dali: int | None) -> Setup:
-    dali_override = [f"data.num_threads={dali}"] if dali is not None else []
-    # no validation: it is not measured, and benchmark shards may have a train split only
-    config = load_config(args.cfg, [*overrides, *dali_override, f"output_dir={tmp}/{name}",
-                                    "logging.tensorboard=false", "data.val_split=null"])
+def bench_config(args, tmp: str, name: str, extra: tuple[str, ...] = ()):
+    """The run config of one side (no validation: it is not measured, and benchmark shards may have a
+    train split only)."""
+    return load_config(args.cfg, [*args.overrides, *extra, f"output_dir={tmp}/{name}", "logging.tensorboard=false",
+                                  "data.val_split=null"])
+
+
+def build_setup(name: str, args, world, log, tmp: str, threads: int, dali: int) -> Setup:
+    config = bench_config(args, tmp, name, (f"data.num_threads={dali}",))
     torch.set_num_threads(threads)  # compiled CPU kernels keep the thread count they are generated with
     trainer = build_trainer(config, world, log)
     trainer.train_model.train()
@@ -157,16 +161,15 @@ def report(setups: list[Setup], budget: CpuBudget, log, world, busy: int, second
 def run(args: argparse.Namespace) -> None:
     """Build both trainers, time them, report."""
     world = init_distributed()
-    budget = cpu_budget(world.device, cpus=args.cpus, torch_threads=args.torch_threads,
-                        dali_threads=args.dali_threads)
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             log = MetricsLogger(tmp, rank=world.rank, tensorboard=False, progress="plain")
             start = time.perf_counter()
-            setups = [build_setup("naive", args, args.overrides, world, log, tmp, DEFAULT_TORCH_THREADS, None),
-                      build_setup("budget", args, args.overrides, world, log, tmp, budget.torch_threads,
-                                  budget.dali_threads)]
+            budget = run_cpu_budget(bench_config(args, tmp, "budget"), world)
+            naive_dali = max(1, len(os.sched_getaffinity(0)) // local_world_size())
+            setups = [build_setup("naive", args, world, log, tmp, DEFAULT_TORCH_THREADS, naive_dali),
+                      build_setup("budget", args, world, log, tmp, budget.torch_threads, budget.dali_threads)]
             measure(setups, args)
             report(setups, budget, log, world, args.busy, time.perf_counter() - start)
             log.close()

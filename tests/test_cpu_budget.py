@@ -1,6 +1,10 @@
 """The CPU budget: affinity and cgroup quotas (v2 and v1, read from injected files), division among local
 ranks, the split between torch, DALI and readers, overrides, and apply()."""
 
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +132,34 @@ def test_apply_sets_torch_threads():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_bench_train_runs_naive_and_budget_side_by_side(tmp_path, capsys):
+    """tools/bench_train.py end to end on tiny shards: both sides built with their threads, the ratio printed
+    (timing is not asserted)."""
+    root = Path(__file__).resolve().parents[1]
+    videos, shards = tmp_path / "videos", tmp_path / "shards"
+    for tool in (["tools/make_synthetic.py", str(videos), "--num-classes", "2", "--videos-per-class", "2",
+                  "--val-per-class", "1", "--frames", "12", "--size", "24", "--seed", "0"],
+                 ["tools/make_shards.py", str(videos / "train.txt"), "--root", str(videos), "--out", str(shards),
+                  "--split", "train", "--short-side", "0", "--workers", "1"]):
+        subprocess.run([sys.executable, *tool], cwd=root, check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("bench_train", root / "tools" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look themselves up there
+    spec.loader.exec_module(bench)
+    tiny = ["model.arch=null", "model.width=32", "model.layers=1", "model.heads=1", "model.patch_size=8",
+            "model.image_size=16", "model.side_dim=32", "model.num_segments=2", "model.num_classes=2",
+            "model.clip_weights=null", "data.resize=18", "compile=false", "data.global_batch_size=2",
+            "data.max_device_batch_size=2", "data.num_sample=1", "data.flip=none", "cpu.cpus=2"]
+    before = torch.get_num_threads()
+    try:
+        bench.main(["--cfg", str(root / "configs/demo.yaml"), f"data.shards={shards}", *tiny,
+                    "--steps", "1", "--rounds", "1", "--warmup", "1"])
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    naive_dali = len(os.sched_getaffinity(0))
+    assert f"naive (torch {bench.DEFAULT_TORCH_THREADS}, DALI {naive_dali})" in out
+    assert "budget (torch 1, DALI 1)" in out  # cpu.cpus=2 on a CPU run: one each
+    assert "ratio budget / naive: end-to-end" in out and "x, model only" in out

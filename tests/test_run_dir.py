@@ -219,3 +219,21 @@ def test_the_same_global_batch_takes_the_same_steps_and_videos_on_any_layout():
                                for v in r[b * per_device:(b + 1) * per_device]) for s in range(num_steps)]
     assert len(steps[1]) == num_videos // global_batch == 5
     assert steps[1] == steps[2] == steps[4]
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_after_one_step_without_a_traceback(shards, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "tdsclip.torchrun", "--standalone", "--nproc_per_node=2", "launch.py",
+               "--cfg", DEMO, *overrides(shards, run_dir, "schedule.epochs=50")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    for line in process.stdout:
+        if line.startswith("epoch 2/50 step 1/"):  # both ranks are in their loop
+            process.send_signal(signal.SIGTERM)  # as a scheduler signals the job step
+            break
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and err.count("last.pt is saved") == 1  # rank 0 says it once
+    assert "torchrun: stopped by SIGTERM" in err
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
+    assert checkpoint["world_size"] == 2 and checkpoint["data"][0]["position"] == checkpoint["data"][1]["position"]

@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (each: naive, then budget)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, pipeline fill)")
     parser.add_argument("--busy", type=int, default=0, help="CPU-burning processes to run alongside (a busy machine)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
     for name in ("steps", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")

@@ -65,8 +65,8 @@ class Setup:
     torch_threads: int
     dali_threads: int
     trainer: object
-    batches: Iterator = None
-    one_batch: dict = None
+    batches: Iterator | None = None
+    one_batch: dict | None = None
     e2e: Totals = field(default_factory=Totals)
     model_only: Totals = field(default_factory=Totals)
 

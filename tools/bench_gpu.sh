@@ -28,7 +28,7 @@ run_step model_vitb16 200 "$python" tools/bench_model.py --arch ViT-B-16 --batch
   --rounds 3 --steps 10 --warmup 3 --json "$out/model_vitb16.json"
 run_step pipeline 300 "$python" tools/bench_pipeline.py --device cuda --batch-size 32 --threads "$threads" \
   --seconds 8 --work /tmp/bench_work --json "$out/pipeline.json"
-run_step train 200 "$python" tools/bench_train.py --cfg configs/k400/vitb16.yaml --steps 20 --warmup 5 \
+run_step train 300 "$python" tools/bench_train.py --cfg configs/k400/vitb16.yaml --steps 5 --rounds 2 --warmup 3 \
   data.shards=/tmp/bench_work/shards/frames model.clip_weights=null data.global_batch_size=32 \
   data.max_device_batch_size=32 output_dir=/tmp/bench_train_run  # bench_train skips validation itself
 run_step shards 100 "$python" tools/bench_shards.py --device gpu --threads "$threads" --clips-per-batch 32 \

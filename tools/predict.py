@@ -258,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything that can be checked before the work
         encode = EncodeOptions(short_side=args.short_side, image_tmpl=args.image_tmpl)
         config = load_config(args.cfg, args.override)
-        run_cpu_budget(config, World(rank=0, world_size=1, local_rank=0, device=device)).apply()
+        budget = run_cpu_budget(config, World(rank=0, world_size=1, local_rank=0, device=device))
+        budget.apply()
+        print(budget.describe(), file=sys.stderr)  # stdout holds the results
         model = load_test_model(config, args.weights).to(device)
         labels = read_labels(args.classes) if args.classes else None
         names = class_names(config, labels, args.classes, model.config.num_classes)

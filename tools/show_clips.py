@@ -59,7 +59,9 @@ def make_loader(config: RunConfig, split: str, batch_size: int) -> pipelines.Loa
     """Rank 0's loader of `split` ("train" or "val"), built as the trainer builds it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     world = World(rank=0, world_size=1, local_rank=0, device=device)
-    run_cpu_budget(config, world).apply()
+    budget = run_cpu_budget(config, world)
+    budget.apply()
+    print(budget.describe(), file=sys.stderr)
     return build_loader(config, world, config.model.model_config(), split, batch_size)
 
 

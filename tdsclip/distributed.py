@@ -27,8 +27,14 @@ class World:
         return self.world_size > 1
 
 
+# A gloo group beside NCCL's, for the small CPU-side agreements (stop requests) that must not wait for
+# the GPU; None where the default group is gloo already or there is no group.
+_CONTROL_GROUP = None
+
+
 def init_distributed(timeout_minutes: int = 30) -> World:
     """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK); a lone process skips it."""
+    global _CONTROL_GROUP
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -41,12 +47,8 @@ def init_distributed(timeout_minutes: int = 30) -> World:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
-        global _CONTROL_GROUP  # small CPU-side agreements (stop requests) that must not sync the GPU
         _CONTROL_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else None
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-
-
-_CONTROL_GROUP = None
 
 
 def close_distributed() -> None:

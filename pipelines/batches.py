@@ -187,9 +187,12 @@ class Loader:
     def _build(self, planner: Planner, start: int):
         """A pipeline streaming this rank's batches from global batch `start` (= epoch * len + batch) on."""
         spec = self.spec
-        source = ClipSource(planner, self.mode, start, grayscale=spec.train and spec.grayscale_prob > 0,
-                            randaugment=spec.randaugment is not None)
         cuda = self.device.type == "cuda"
+        # CPU decode of frames reads only the window the crops need (docs/pipelines.md, "Crop decode"); the
+        # GPU's hardware JPEG decoder decodes whole frames, and RandAugment works on the whole frame.
+        source = ClipSource(planner, self.mode, start, grayscale=spec.train and spec.grayscale_prob > 0,
+                            randaugment=spec.randaugment is not None,
+                            crop_decode=self.mode == "frame" and spec.randaugment is None and not cuda)
         frames = spec.frames_per_video if self.mode == "frame" else 1
         decoder_options = {}
         if cuda and self.hw_decoder_load is not None and self.mode == "frame":

@@ -71,6 +71,26 @@ def to_stored_roi(window: tuple[int, int, int, int], scaled: tuple[int, int], st
     return np.array([y * sy, x * sx, (y + h) * sy, (x + w) * sx], dtype=np.float32)
 
 
+DECODE_GUARD = 2  # pixels beyond the resampling filter's reach, so a crop decode's edge never reaches it
+
+
+def decode_window(roi: np.ndarray, stored: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The stored-frame window a clip's views read, for decoding only it: (anchor (B, 2) [x0, y0],
+    shape (B, 2) [w, h]), whole pixels, float32; `roi` (B, O, 4) [y0, x0, y1, x1] the views' ROIs,
+    `stored` (B, 2) the stored (H, W), `size` the output side.
+
+    The union of the views' ROIs, widened by the reach of the resampling filter: the resize reads
+    pixels around its ROI (a cubic kernel 2 taps out, 2 x the scale when shrinking, antialiased) and
+    those must be the full decode's; DECODE_GUARD more keeps the window's own edge (where chroma
+    upsampling sees no neighbour) out of its reach. Clamped to the frame.
+    """
+    start, end = roi[..., :2].min(axis=1), roi[..., 2:].max(axis=1)  # (B, 2) [y, x]
+    scale = (roi[..., 2:] - roi[..., :2]).max(axis=(1, 2)) / size  # input pixels per output pixel
+    margin = (2 * np.ceil(np.maximum(scale, 1.0)) + DECODE_GUARD)[:, None]  # (B, 1)
+    low = np.clip(np.floor(start) - margin, 0, stored)
+    high = np.clip(np.ceil(end) + margin, 0, stored)
+    return low[:, ::-1].astype(np.float32), (high - low)[:, ::-1].astype(np.float32)
+
 # RandAugment operations: timm's increasing set (the official "inc1"), in timm's order, as
 # nvidia.dali.auto_aug operations, indexed by the op numbers that plan.py draws per clip; "identity"
 # (last, never drawn) stands for an op that was drawn but not applied. Magnitudes 0-10 in steps of

@@ -7,13 +7,16 @@ per-clip mirror, and CLIP normalization. Train adds per-clip RandAugment (before
 Decode modes: "frame" decodes each JPEG as its own sample (biggest decoder batches; every op
 whose parameters come from the source stays per clip because the source repeats them for
 every frame: crops, flips, grayscale and the RandAugment draws); "video" decodes the needed
-frames of a VP9 WebM into one FHWC sample per clip.
+frames of a VP9 WebM into one FHWC sample per clip. With the source's `crop_decode` (frame mode, no
+RandAugment) the decoder decodes only the window of the frame the views' resampling reads
+(libjpeg-turbo skips the rest's IDCT and colour conversion).
 """
 
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines import augment
-from pipelines.source import ENCODED, FRAME_INDICES, FRAME_SIZE, ClipSource, ViewParams, view_output
+from pipelines.source import (ENCODED, FRAME_INDICES, FRAME_SIZE, WINDOW_ANCHOR, WINDOW_SHAPE, ClipSource, ViewParams,
+                              view_output)
 
 
 def read_clips(source: ClipSource, decode_device: str, parallel: int, decoder_options: dict):
@@ -22,7 +25,11 @@ def read_clips(source: ClipSource, decode_device: str, parallel: int, decoder_op
     nodes = fn.external_source(source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
                                **({"parallel": True, "prefetch_queue_depth": parallel + 1} if parallel else {}))
     outputs = dict(zip(source.output_names, nodes))  # by name: the source decides the order
-    if source.mode == "frame":
+    if source.crop_decode:  # only the window the views read; their ROIs come relative to it
+        images = fn.decoders.image_slice(outputs[ENCODED], outputs[WINDOW_ANCHOR], outputs[WINDOW_SHAPE],
+                                         axis_names="WH", normalized_anchor=False, normalized_shape=False,
+                                         device=decode_device, output_type=types.RGB, **decoder_options)
+    elif source.mode == "frame":
         images = fn.decoders.image(outputs[ENCODED], device=decode_device, output_type=types.RGB, **decoder_options)
     else:
         images = fn.decoders.video(outputs[ENCODED], frames=outputs[FRAME_INDICES],

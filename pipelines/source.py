@@ -9,7 +9,10 @@ rebuild, and its prefetch queue runs across epoch boundaries. Two modes (pipelin
 - "video": one DALI sample per video: (webm, frame indices, params...).
 Outputs are named (`ClipSource.output_names`; pipelines/pipeline.py looks them up by name): ENCODED,
 then FRAME_INDICES (video mode), then FRAME_SIZE, the stored frame size (H, W) (int32), when the graph
-runs RandAugment (it works on the stored frames, whose translations are a share of their size); then,
+runs RandAugment (it works on the stored frames, whose translations are a share of their size), then
+WINDOW_ANCHOR and WINDOW_SHAPE with `crop_decode` (frame mode: the part of the frame the views read,
+[x0, y0] and [w, h] per frame, float32, params.decode_window; the graph decodes only that, and every
+ROI is then given relative to it); then,
 for each of the O views, the ViewParams fields it uses, named "<field>/<view>": roi_start (y0, x0),
 roi_end (y1, x1), mirror, gray (bool) when the graph converts to grayscale, draws (the RandAugment
 draws, (3, n) int32) when it augments.
@@ -30,12 +33,14 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipelines.params import decode_window
 from pipelines.plan import Planner
 from pipelines.reader import JPEG_PROBLEMS, ShardFiles, ShardReadError, jpeg_problems
 
 MODES = ("frame", "video")
 MERGE_GAP = 4096  # bytes: a tar header (512) plus padding (< 512) between adjacent frames, with room
 ENCODED, FRAME_INDICES, FRAME_SIZE = "encoded", "frame_indices", "frame_size"
+WINDOW_ANCHOR, WINDOW_SHAPE = "window_anchor", "window_shape"
 
 
 class ViewParams(NamedTuple):
@@ -58,9 +63,12 @@ class ClipSource:
     """Per-batch callback for `fn.external_source(batch=True, batch_info=True)`, from global batch `start` on."""
 
     def __init__(self, planner: Planner, mode: str, start: int = 0, *, grayscale: bool = False,
-                 randaugment: bool = False):
+                 randaugment: bool = False, crop_decode: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if crop_decode and (mode != "frame" or randaugment):  # RandAugment reads the whole frame
+            raise ValueError("crop_decode needs mode 'frame' and no RandAugment")
+        self.crop_decode = crop_decode
         self.planner, self.mode, self.start = planner, mode, start
         self.grayscale, self.randaugment = grayscale, randaugment
         self.batches_per_epoch = planner.num_batches
@@ -78,7 +86,8 @@ class ClipSource:
     @property
     def output_names(self) -> tuple[str, ...]:
         """Names of the outputs, in the order __call__ returns them."""
-        inputs = (ENCODED,) + (FRAME_INDICES,) * (self.mode == "video") + (FRAME_SIZE,) * self.randaugment
+        inputs = ((ENCODED,) + (FRAME_INDICES,) * (self.mode == "video") + (FRAME_SIZE,) * self.randaugment
+                  + (WINDOW_ANCHOR, WINDOW_SHAPE) * self.crop_decode)
         return inputs + tuple(view_output(f, v) for v in range(self.num_views) for f in self.view_fields)
 
     @property
@@ -102,8 +111,11 @@ class ClipSource:
         samples = self.planner.samples
         rows = slice(batch * plan.batch_size, (batch + 1) * plan.batch_size)
         repeat = self.frames_per_video if self.mode == "frame" else 1  # frame mode: params for every frame
+        columns = self._params(plan, rows)
+        if self.crop_decode:
+            columns.update(self._windows(plan, rows, columns))
         outputs = {name: np.repeat(column, repeat, axis=0) if repeat > 1 else column
-                   for name, column in self._params(plan, rows).items()}
+                   for name, column in columns.items()}
         if self.randaugment:
             sizes = np.array([(samples[i].height, samples[i].width) for i in plan.sample[rows]], np.int32)
             outputs[FRAME_SIZE] = np.repeat(sizes, repeat, axis=0) if repeat > 1 else sizes
@@ -117,6 +129,16 @@ class ClipSource:
                                    for sample in (samples[i] for i in plan.sample[rows])])
             outputs[ENCODED], outputs[FRAME_INDICES] = webms, np.ascontiguousarray(plan.frames[rows])
         return outputs
+
+    def _windows(self, plan, rows: slice, columns: dict) -> dict[str, np.ndarray]:
+        """WINDOW_ANCHOR, WINDOW_SHAPE (B, 2) of the clips in `rows`; shifts the views' ROIs in `columns`
+        into the window (exact: whole-pixel offsets of float32 coordinates)."""
+        stored = np.array([(s.height, s.width) for s in map(self.planner.samples.__getitem__, plan.sample[rows])])
+        anchor, shape = decode_window(plan.roi[rows], stored, self.planner.spec.image_size)
+        for view in range(self.num_views):
+            for field in ("roi_start", "roi_end"):
+                columns[view_output(field, view)] = columns[view_output(field, view)] - anchor[:, ::-1]
+        return {WINDOW_ANCHOR: anchor, WINDOW_SHAPE: shape}
 
     def _read(self, clips: list) -> tuple[list[np.ndarray], list[int]]:
         """The pieces of each (sample, spans, pieces) clip, in order, as views of one buffer holding every

@@ -696,3 +696,45 @@ def test_bench_pipeline_measurements_run_on_our_graphs(frame_shards):
     rate, preads = bench.source_rate(data, seconds=0.2)
     assert rate > 0 and 1 <= preads <= data.spec.frames_per_video
     assert bench.feed_rate(data, 0, 1, seconds=0.2) > 0
+
+
+def test_decode_window_covers_every_views_roi_and_the_filters_reach():
+    roi = np.array([[[10.5, 20.25, 30.0, 60.0], [5.0, 40.0, 20.0, 90.5]],  # two views, upscaled (scale < 1)
+                    [[0.0, 0.0, 120.0, 200.0], [0.0, 0.0, 120.0, 200.0]]], np.float32)  # shrinking 2.5x
+    anchor, shape = params.decode_window(roi, np.array([[100, 100], [128, 256]]), size=80)
+    margin_small, margin_big = 2 + params.DECODE_GUARD, 2 * 3 + params.DECODE_GUARD
+    np.testing.assert_array_equal(anchor, [[20 - margin_small, 5 - margin_small], [0, 0]])  # [x0, y0], clamped
+    np.testing.assert_array_equal(shape, [[91 + margin_small - (20 - margin_small), 30 + margin_small - (5 - margin_small)],
+                                          [200 + margin_big, 120 + margin_big]])
+
+
+@pytest.mark.parametrize("mode, options", [("train", dict(num_sample=2, flip="plain", grayscale_prob=0.5)),
+                                           ("test", dict(test_crops=3))])
+def test_crop_decode_gives_the_full_decodes_pixels(tmp_path, monkeypatch, mode, options):
+    """CPU frame decoding reads only the crops' window (ClipSource crop_decode); on natural-looking
+    frames the clips equal the whole-frame decode's but for rounding: at most 1 level in 0-255."""
+    from shards.synthetic import natural_video
+
+    rng = np.random.default_rng(0)
+    videos = [{"key": f"v{i}", "label": 0, "frames": list(natural_video(12, 72, 128, rng))} for i in range(4)]
+    shards = write_shards(tmp_path, mode, videos)
+
+    def clips():
+        loader = loader_of(shards, mode, batch_size=2, num_segments=2, image_size=32, resize=40, **options)
+        return torch.cat([batch["clips"] for batch in loader])
+
+    full_source, made = source_module.ClipSource, []
+
+    def source(*args, crop_decode: bool, **kwargs):
+        made.append(crop_decode)
+        return full_source(*args, crop_decode=crop_decode and not full_decode, **kwargs)
+
+    monkeypatch.setattr(pipelines.batches, "ClipSource", source)
+    full_decode = False
+    cropped = clips()
+    full_decode = True
+    full = clips()
+    assert made == [True, True]  # the loader asked for it (CPU, frames, no RandAugment)
+    levels = (cropped - full).abs() * torch.tensor(CLIP_STD).view(3, 1, 1) * 255
+    assert levels.max() <= 1.01, levels.max()
+    assert (levels > 0.5).float().mean() < 1e-3

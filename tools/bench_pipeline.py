@@ -371,7 +371,7 @@ def stage_cost(data: "pipelines.Loader", args) -> dict[str, tuple[float, float]]
     decode_device = "mixed" if cuda else "cpu"
     cost = {}
     for stage in ("decode", "crop+resize", "all"):
-        source = ClipSource(planner, "frame", grayscale=True)
+        source = ClipSource(planner, "frame", grayscale=True, crop_decode=not cuda)  # as the loader's
         if stage == "all":
             pipe = train_pipeline(source, image_size=args.image_size, decode_device=decode_device,
                                   dtype=types.FLOAT, **common)

@@ -414,6 +414,8 @@ def test_multiview_test_on_official_checkpoint(five_class_shards, tmp_path, caps
 
 
 def test_test_and_predict_configs_are_bound_to_the_checkpoint(shards, five_class_shards, tmp_path, capsys):
+    from shards.sources import read_list
+
     run_dir = tmp_path / "run"
     assert launch.main(["--cfg", str(ROOT / "configs/demo.yaml"), *overrides(shards, run_dir, "schedule.epochs=1")]) == 0
     capsys.readouterr()
@@ -423,6 +425,12 @@ def test_test_and_predict_configs_are_bound_to_the_checkpoint(shards, five_class
                               ("data.sampling=kinetics", "data.sampling: 'something' in the weights' training")):
         assert launch.main([*test, *overrides(shards, tmp_path / "t", override)]) == 1
         assert message in capsys.readouterr().err
+    from tools import predict  # predict is bound the same way, before any work
+
+    video = str(shards.parent / "videos" / read_list(shards.parent / "videos" / "val.txt")[0].path)
+    assert predict.main([video, "--cfg", str(ROOT / "configs/demo.yaml"), "--weights", str(run_dir / "last.pt"),
+                         *overrides(shards, tmp_path / "t", "model.num_segments=4")]) == 2
+    assert "model.num_segments: 2 in the weights' training config, 4 here" in capsys.readouterr().err
     # views, batch size and threads are free
     free = overrides(shards, tmp_path / "t", "data.test_split=val", "data.eval_batch_size=3", "data.num_threads=2")
     assert launch.main([*test, *free, "--test-crops", "3"]) == 0

@@ -1,6 +1,6 @@
 """Spatial augmentation: the DALI operators.
 
-`crop_resize`, `grayscale`, `rand_augment`, `normalize` work on both single frames (HWC) and clips
+`crop_resize`, `to_luma` / `luma_to_rgb`, `rand_augment`, `normalize` work on both single frames (HWC) and clips
 (FHWC); one set of parameters, drawn per clip in numpy (pipelines/params.py, through the epoch
 plan), is shared by every frame of a clip. Crops and resizes are one resampling (`fn.resize` with a
 region of interest) instead of the official scale-then-crop pair.
@@ -23,17 +23,27 @@ def crop_resize(images, roi_start, roi_end, size: int, interp):
                      interp_type=interp, antialias=True)
 
 
-def grayscale(images, gray):
-    """Luma (ITU-R 601: 0.299, 0.587, 0.114, as PIL's convert("L") and torchvision's Grayscale) in all
-    three channels where `gray` is true (per clip), else unchanged.
+def to_luma(images, gray):
+    """Luma (ITU-R 601: 0.299, 0.587, 0.114, as PIL's convert("L") and torchvision's Grayscale), one
+    channel, where `gray` is true (per clip), else unchanged; `luma_to_rgb` after the resize makes it
+    three channels again.
 
-    A DALI conditional on the uint8 crops, so only the chosen clips are converted. Measured on the
-    CPU per clip: fn.color_twist(saturation=0/1) on every frame ~95 ms, this ~11 ms, and the same
-    linear map applied to the normalized float torch batch ~20 ms (4x the bytes).
+    A DALI conditional, so only the chosen clips are converted; done before the crop+resize, which
+    then resamples one channel instead of three for those clips (the official order, resize then
+    grayscale, differs by rounding only: at most 1 level, docs/fidelity.md). Measured on the CPU per
+    clip: fn.color_twist(saturation=0/1) on every frame ~95 ms, the conversion after the resize ~11 ms,
+    and the same linear map applied to the normalized float torch batch ~20 ms (4x the bytes); before
+    the resize, a training clip at grayscale_prob 0.25 costs ~2.6 CPU-ms less than after it.
     """
     if gray:
-        luma = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
-        images = fn.cat(luma, luma, luma, axis_name="C")
+        images = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
+    return images
+
+
+def luma_to_rgb(images, gray):
+    """The one-channel (luma) clips where `gray` is true copied into three channels; the rest unchanged."""
+    if gray:
+        images = fn.cat(images, images, images, axis_name="C")
     return images
 
 

@@ -2,7 +2,7 @@
 
 Both read through a ClipSource (pipelines/source.py) and decode on the GPU ("mixed": nvJPEG /
 NVDEC) or the CPU, then make O views per video, each one fused crop+resize (one resampling),
-per-clip mirror, and CLIP normalization. Train adds per-clip RandAugment (before the crop) and grayscale.
+per-clip mirror, and CLIP normalization. Train adds per-clip RandAugment and grayscale (both before the crop).
 
 Decode modes: "frame" decodes each JPEG as its own sample (biggest decoder batches; every op
 whose parameters come from the source stays per clip because the source repeats them for
@@ -46,7 +46,7 @@ def _output(images, mirror, dtype, mode: str):
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source: ClipSource, *, image_size: int, decode_device: str, dtype,
                    randaugment_levels: int = 0, parallel: int = 0, decoder_options: dict | None = None):
-    """O = num_sample training views per video: [RandAugment], RRC (fused), [grayscale], mirror, normalize.
+    """O = num_sample training views per video: [RandAugment], [grayscale], RRC (fused), mirror, normalize.
 
     RandAugment works on the stored frames, before the crop, as the official code runs it on the
     frames before scaling: its translations are a share of the whole frame and its rotations and
@@ -58,9 +58,11 @@ def train_pipeline(source: ClipSource, *, image_size: int, decode_device: str, d
         view = images
         if source.randaugment:
             view = augment.rand_augment(view, params.draws, randaugment_levels, frame_size)
+        if source.grayscale:  # before the resize: one channel to resample for gray clips
+            view = augment.to_luma(view, params.gray)
         view = augment.crop_resize(view, params.roi_start, params.roi_end, image_size, augment.INTERP["train"])
         if source.grayscale:
-            view = augment.grayscale(view, params.gray)
+            view = augment.luma_to_rgb(view, params.gray)
         outputs.append(_output(view, params.mirror, dtype, source.mode))
     return tuple(outputs)
 

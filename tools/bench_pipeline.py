@@ -16,6 +16,7 @@ against the 40 needed, and where the time of the train pipeline goes (decode, cr
 hand-over to torch).
 
     python tools/bench_pipeline.py                      # synthetic 640x360 H.264 videos, CPU
+    python tools/bench_pipeline.py --content natural    # camera-like synthetic videos (grain, smooth texture)
     python tools/bench_pipeline.py --device cuda        # GPU decode + augment (DALI mixed)
     python tools/bench_pipeline.py --list my.txt --root /videos   # your videos: '<path> <label>' lines
 """
@@ -46,10 +47,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- inputs ----------------------------------------------------------------------------------
-def make_videos(out: Path, count: int, frames: int, width: int, height: int, seed: int) -> Path:
-    """Synthetic H.264 MP4s with texture and motion, a keyframe every 2 s (as web video commonly has)."""
+CONTENTS = ("blocky", "natural")
+
+
+def make_videos(out: Path, count: int, frames: int, width: int, height: int, seed: int,
+                content: str = "blocky") -> Path:
+    """Synthetic H.264 MP4s with texture and motion, a keyframe every 2 s (as web video commonly has).
+
+    content "blocky": a random 8x8-block texture panning rigidly plus a moving square: motion
+    compensation predicts it almost exactly (cheap H.264 frames), and its sharp random blocks are
+    JPEG's worst case (~95 KB per 456x256 frame at quality 95). "natural": shards.synthetic's
+    natural_video (gradient, smooth multi-scale texture, a disc crossing, per-frame sensor grain), whose
+    statistics are camera footage's: the grain has to be coded in every H.264 frame, JPEGs are ~45 KB.
+    """
     import av
 
+    from shards.synthetic import natural_video
+
+    out = out / content
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
@@ -58,20 +73,28 @@ def make_videos(out: Path, count: int, frames: int, width: int, height: int, see
         lines.append(f"{path.name} {v % 10}")
         if path.exists():
             continue
-        texture = rng.integers(0, 256, (height // 8 + 2, width // 8 + 2, 3), dtype=np.uint8)
-        texture = np.kron(texture, np.ones((8, 8, 1), np.uint8))  # blocky base
+        images = (natural_video(frames, height, width, rng) if content == "natural"
+                  else _blocky_video(frames, height, width, rng))
         with av.open(str(path), "w") as container:
             stream = container.add_stream("libx264", rate=25)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.options = {"crf": "23", "preset": "veryfast", "x264-params": "keyint=50:min-keyint=50"}
-            for f in range(frames):
-                image = np.roll(texture, (f, 2 * f), axis=(0, 1))[:height, :width].copy()
-                x = (7 * f) % (width - 64)
-                image[100:164, x:x + 64] = (255 - 3 * f % 255, 80, 160)
+            for image in images:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
             container.mux(stream.encode())
     (out / "list.txt").write_text("\n".join(lines) + "\n")
     return out / "list.txt"
+
+
+def _blocky_video(frames: int, height: int, width: int, rng: np.random.Generator):
+    """(H, W, 3) uint8 frames: a random 8x8-block texture panning 1 px down and 2 right per frame, a square crossing."""
+    texture = rng.integers(0, 256, (height // 8 + 2, width // 8 + 2, 3), dtype=np.uint8)
+    texture = np.kron(texture, np.ones((8, 8, 1), np.uint8))  # blocky base
+    for f in range(frames):
+        image = np.roll(texture, (f, 2 * f), axis=(0, 1))[:height, :width].copy()
+        x = (7 * f) % (width - 64)
+        image[100:164, x:x + 64] = (255 - 3 * f % 255, 80, 160)
+        yield image
 
 
 def make_shards(list_file: Path, root: Path, out: Path, layout: str) -> Path:
@@ -459,6 +482,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num-videos", type=int, default=8)
     parser.add_argument("--frames", type=int, default=250, help="frames per synthetic video")
     parser.add_argument("--size", default="640x360", help="synthetic video WxH")
+    parser.add_argument("--content", choices=CONTENTS, default="blocky",
+                        help="synthetic video content (see make_videos): blocky (cheap H.264, dear JPEG) or natural")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-segments", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
@@ -477,13 +502,16 @@ def main(argv=None) -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
-    if args.list is None:
+    generated = args.list is None
+    if generated:
         width, height = (int(v) for v in args.size.split("x"))
-        args.list = make_videos(work / "videos", args.num_videos, args.frames, width, height, seed=0)
-        args.root = work / "videos"
+        args.list = make_videos(work / "videos", args.num_videos, args.frames, width, height, seed=0,
+                                content=args.content)
+        args.root = args.list.parent
     root = args.root or args.list.parent
     paths = [str(root / line.split()[0]) for line in args.list.read_text().splitlines() if line.strip()]
-    shards = {layout: make_shards(args.list, root, work / "shards", layout) for layout in ("frames", "video")}
+    shard_dir = work / "shards" / (args.content if generated else "list")
+    shards = {layout: make_shards(args.list, root, shard_dir, layout) for layout in ("frames", "video")}
     tars = {layout: [str(p) for p in sorted(d.glob("train-*.tar"))] for layout, d in shards.items()}
     repeat = max(1, math.ceil(args.batch_size * (args.seconds + 4) * 4 / len(paths)))  # epochs long enough
     train_options = dict(flip="plain", grayscale_prob=0.2)
@@ -495,7 +523,9 @@ def main(argv=None) -> None:
         rows.append((name, wall, per_cpu_second, frames_per_clip))
         print(f"  {name:<40} {wall:8.2f} clips/s {per_cpu_second:8.2f} clips/CPU-s", flush=True)
 
-    print(f"device {args.device}, {args.threads} cores, batch {args.batch_size}, {len(paths)} videos", flush=True)
+    content = f"synthetic {args.content}" if generated else str(args.list)
+    print(f"device {args.device}, {args.threads} cores, batch {args.batch_size}, {len(paths)} videos ({content})",
+          flush=True)
     needed = 5 * args.num_segments
     frames = tars["frames"] * repeat
     run("ours train, frames (JPEG per frame)", ours(frames, "train", args, **train_options), needed)
@@ -568,7 +598,7 @@ def report(rows, cost: dict[str, tuple[float, float]], needed: int, args) -> Non
               + ", ".join(f"{k} {v:.1f}" for k, v in part.items()))
     print("(stages come from separate runs of a cut graph: small or negative differences are noise)")
     if args.json:
-        results = {"device": args.device, "cores": args.threads, "batch_size": args.batch_size,
+        results = {"device": args.device, "cores": args.threads, "content": args.content, "batch_size": args.batch_size,
                    "rows": [{"loader": n, "clips_per_s": w, "clips_per_cpu_s": c, "frames_decoded_per_clip": f}
                             for n, w, c, f in rows], "train_ms_per_clip": split}
         args.json.write_text(json.dumps(results, indent=2))

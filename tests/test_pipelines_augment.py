@@ -227,3 +227,40 @@ def test_sharpness_and_equalize_are_dalis_without_the_deprecated_aliases(name):
             assert not [w for w in caught if "deprecated" in str(w.message)]
         outputs.append(np.stack([np.asarray(s) for s in pipe.run()[0]]))
     np.testing.assert_array_equal(*outputs)
+
+
+def test_grayscale_before_the_resize_is_the_official_order_but_for_rounding():
+    """to_luma, crop_resize, luma_to_rgb (ours) against crop_resize then luma in three channels (the
+    official order), on natural-looking frames and upscaled and shrunk windows: at most 1 level apart,
+    and only gray samples change."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from shards.synthetic import natural_video
+
+    frames = list(natural_video(4, 64, 96, np.random.default_rng(0)))
+    rois = [np.array(r, np.float32) for r in ([3.5, 10.25, 40.0, 50.5], [0.0, 0.0, 64.0, 96.0])] * 2
+    gray = [np.array(g) for g in (True, True, False, False)]
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None, enable_conditionals=True)
+    def both():
+        images = fn.external_source(source=lambda: frames, batch=True, layout="HWC")
+        roi = fn.external_source(source=lambda: rois, batch=True)
+        is_gray = fn.external_source(source=lambda: gray, batch=True)
+        start, end = roi[0:2], roi[2:4]
+        ours = augment.luma_to_rgb(augment.crop_resize(augment.to_luma(images, is_gray), start, end, 32,
+                                                       augment.INTERP["train"]), is_gray)
+        official = augment.crop_resize(images, start, end, 32, augment.INTERP["train"])
+        if is_gray:
+            luma = fn.color_space_conversion(official, image_type=types.RGB, output_type=types.GRAY)
+            official = fn.cat(luma, luma, luma, axis_name="C")
+        return ours, official
+
+    pipe = both()
+    pipe.build()
+    ours, official = ([np.asarray(s).astype(int) for s in out] for out in pipe.run())
+    for i, (got, want) in enumerate(zip(ours, official)):
+        assert got.shape == want.shape == (32, 32, 3)
+        assert np.abs(got - want).max() <= 1, i
+        assert (got[..., 0] == got[..., 2]).all() == bool(gray[i]), i
+    assert any((got != want).any() for got, want in zip(ours[:2], official[:2]))  # it is a rounding difference
+    assert all((got == want).all() for got, want in zip(ours[2:], official[2:]))

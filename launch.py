@@ -30,8 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-crops", type=int, help="spatial crops per video: 1, 3, 5 or 10 (sets eval.test_crops)")
     parser.add_argument("--test-clips", type=int, help="temporal clips per video (sets eval.test_clips)")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after the flags
-    if args.resume not in (None, "yes", "auto"):  # `--resume key=value`: the value is an override
-        args.overrides.append(args.resume)
+    if args.resume not in (None, "yes", "auto"):
+        if "=" not in args.resume:
+            parser.error(f"--resume takes no value or 'auto', got {args.resume!r}; to resume from another "
+                         "checkpoint, copy it to output_dir/last.pt")
+        args.overrides.append(args.resume)  # `--resume key=value`: the value is an override
         args.resume = "yes"
     if args.test and not args.weights:
         parser.error("--test needs --weights PATH")

@@ -34,6 +34,9 @@ from tdsclip.weights import FORMAT, model_checkpoint
 RESUME_MAY_CHANGE = ("output_dir", "compile", "model.clip_weights", "model.init_weights", "data.shards",
                      "data.val_split", "data.num_threads", "data.on_error", "data.eval_batch_size", "logging.",
                      "checkpoint.", "eval.", "schedule.epochs", "optim.lr", "optim.grad_clip", "cpu.")
+# Keys a resume may change at an epoch boundary only: the per-device batch (memory) changes how a rank's
+# share of an epoch is cut into micro-batches, which a mid-epoch position depends on, as on the world size.
+BOUNDARY_MAY_CHANGE = ("data.max_device_batch_size",)
 CONTRACT_KEYS = ("optimizer", "schedule", "epoch", "step", "batch_in_epoch", "best_top1", "best_epoch",
                  "world_size", "rng", "data", "config")
 
@@ -169,7 +172,10 @@ class Checkpointer:
         """Refuse to resume with a config that changes the run or with another process count mid-epoch;
         return the allowed changes, "key: old -> new"."""
         changes = {key: f"{key}: {old!r} -> {new!r}" for key, (old, new) in config_diff(checkpoint["config"], config).items()}
-        refused = [text for key, text in changes.items() if not key.startswith(RESUME_MAY_CHANGE)]
+        at_boundary = not checkpoint["batch_in_epoch"]
+        refused = [text + (" (at an epoch boundary only)" if key.startswith(BOUNDARY_MAY_CHANGE) else "")
+                   for key, text in changes.items()
+                   if not key.startswith(RESUME_MAY_CHANGE) and not (at_boundary and key.startswith(BOUNDARY_MAY_CHANGE))]
         if refused:
             raise ConfigError(f"--resume: the config differs from the one {self.last_path} was trained with: "
                               f"{'; '.join(refused)}. Resume with the same settings, or start a new run with "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -84,14 +85,24 @@ def read_checkpoint_file(path: str | Path) -> object:
         # Checkpoints carry trainer state (RNG, config) as well as tensors; load only files you trust.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises RuntimeError, EOFError or pickle errors for bad files
-        raise CheckpointError(
-            f"cannot read {path}: {type(e).__name__}: {e} (the file is truncated or not a torch checkpoint)"
-        ) from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {first_line} (the file is truncated or not a "
+                              f"torch checkpoint); {way_out(path)}") from e
     if isinstance(checkpoint, dict) and CHECKSUM_KEY in checkpoint:
         saved = checkpoint.pop(CHECKSUM_KEY)
         if payload_checksum(checkpoint) != saved:
-            others = [str(p) for p in (path.with_name("best.pt"), path.with_name("last.pt")) if p != path and p.is_file()]
             raise CheckpointError(f"{path} is damaged: its content does not match the checksum written with it "
-                                  "(a disk or copy error). Use another checkpoint"
-                                  + (f" ({', '.join(others)})" if others else "") + ", or start a new run")
+                                  f"(a disk or copy error); {way_out(path)}")
     return checkpoint
+
+
+def way_out(path: Path) -> str:
+    """What to use instead of an unusable last.pt / best.pt: the other one, when it is another file (best.pt is
+    often a hard link to last.pt, and then damaged alike)."""
+    others = {"last.pt": "best.pt", "best.pt": "last.pt"}
+    other = path.with_name(others[path.name]) if path.name in others else None
+    if other is not None and other.is_file() and not os.path.samefile(other, path):
+        if path.name == "last.pt":
+            return f"to resume from {other.name} instead: cp {other} {path}, then rerun with --resume"
+        return f"use {other} instead"
+    return "restore it from a copy, or start a new run"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,14 +29,23 @@ class World:
         return self.world_size > 1
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
 # A gloo group beside NCCL's, for the small CPU-side agreements (stop requests) that must not wait for
 # the GPU; None where the default group is gloo already or there is no group.
 _CONTROL_GROUP = None
 
 
 def init_distributed(timeout_minutes: int = 30) -> World:
-    """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK); a lone process skips it."""
+    """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK); a lone process skips it.
+
+    A torchrun worker dies with its torchrun: at once while joining (nothing to save yet; the join can
+    wait for half an hour on ranks that will never come), by SIGTERM afterwards, so that a training run
+    saves last.pt at its next step as for any SIGTERM."""
     global _CONTROL_GROUP
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if under_torchrun:
+        die_with_parent(signal.SIGKILL)
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -48,7 +59,21 @@ def init_distributed(timeout_minutes: int = 30) -> World:
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
         _CONTROL_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else None
+    if under_torchrun:
+        die_with_parent(signal.SIGTERM)
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send `sig` to this process when its parent ends (Linux; elsewhere nothing happens).
+    A parent that has already gone (we were re-parented to init) ends the process now."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # no libc prctl: not Linux
+        return
+    if os.getppid() == 1:
+        os.kill(os.getpid(), sig)
 
 
 def close_distributed() -> None:

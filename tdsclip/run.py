@@ -40,22 +40,26 @@ def run(config: RunConfig, args: argparse.Namespace) -> int:
     log = MetricsLogger(config.output_dir, rank=world.rank, tensorboard=config.logging.tensorboard,
                         progress=config.logging.progress)
     lock = RunDirLock(config.output_dir)
+    stop = StopSignals().install()  # a signal while starting stops at once; fit() defers it to a step boundary
     try:
         apply_cpu_budget(config, world, log)
         if args.test:
             test(config, args, world, log)
         else:
             agreed(lambda: lock.acquire() if world.is_main else None)  # one run per output_dir
-            train(config, args, world, log)
+            train(config, args, world, log, stop)
     except (*RUN_ERRORS, pipelines.ShardReadError) as error:
         report_error(error, world, log)
         return 1
-    except StopRequested as stop:
+    except OSError as error:  # the file system refused a write (full, read-only, no permission)
+        report_error(RunDirError(f"cannot write {error.filename or config.output_dir}: {error.strerror or error}; "
+                                 "free space or fix the permissions (or set output_dir=...)"), world, log)
+        return 1
+    except StopRequested as stopped:
         log.close()
         if world.is_main:
-            print(f"{stop}: {Checkpointer(config.output_dir).last_path} is saved; continue with the same command "
-                  "and --resume (or --resume auto)", file=sys.stderr)
-        return stop.exit_status
+            print(f"{stopped}: {stop_hint(config, args, stopped)}", file=sys.stderr)
+        return stopped.exit_status
     except KeyboardInterrupt:
         log.close()  # stop the progress bar first, or it draws over the message
         if world.is_main:
@@ -66,9 +70,10 @@ def run(config: RunConfig, args: argparse.Namespace) -> int:
             raise
         log.close()
         print(f"error (rank {world.rank}): another process of this run stopped ({type(error).__name__}); its own "
-              "message says why. Fix that, then rerun with --resume", file=sys.stderr)
+              "message says why. Fix that, then rerun the same command with --resume auto", file=sys.stderr)
         return 1
     finally:
+        stop.uninstall()
         log.close()
         lock.release()
         close_distributed()
@@ -111,7 +116,7 @@ def prepare_run_dir(config: RunConfig, args: argparse.Namespace, checkpointer: C
     return None
 
 
-def train(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger) -> None:
+def train(config: RunConfig, args: argparse.Namespace, world: World, log: MetricsLogger, stop: StopSignals) -> None:
     checkpointer = Checkpointer(config.output_dir, world=world)
     checkpoint = prepare_run_dir(config, args, checkpointer, log)
     if checkpoint is not None:  # checked before anything is built
@@ -123,18 +128,14 @@ def train(config: RunConfig, args: argparse.Namespace, world: World, log: Metric
             log.info(f"{checkpointer.last_path}: the run is complete ({checkpoint['epoch']} epochs, {best}); "
                      "to train longer, resume with schedule.epochs=N")
             return
-    stop = StopSignals()
     trainer = build_trainer(config, world, log, checkpointer, resuming=checkpoint is not None, stop=stop)
     if checkpoint is not None:
         resume(trainer, checkpoint, changes, log)
     if world.is_main:
         save_config(config, Path(config.output_dir) / "config.yaml")
     log.start_at(trainer.state.step + 1)
-    stop.install()
-    try:
-        trainer.fit()
-    finally:
-        stop.uninstall()
+    stop.defer()
+    trainer.fit()
     if trainer.val_history:
         final = trainer.val_history[-1]
         log.info(f"final val top-1 {final['top1']:.2f}% top-5 {final['top5']:.2f}%; best top-1 "
@@ -187,6 +188,18 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     log.info(f"test ({plural(crops, 'crop')} x {plural(clips, 'clip')}, {result['num_videos']} videos): "
              f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  mean class {result['mean_class_acc']:.2f}%  "
              f"-> {path}")
+
+
+def stop_hint(config: RunConfig, args: argparse.Namespace, stopped: StopRequested) -> str:
+    """What was kept and what to run after a signal stopped the run."""
+    last = Checkpointer(config.output_dir).last_path
+    if stopped.saved:
+        return f"{last} is saved; continue with the same command and --resume (or --resume auto)"
+    if args.test:
+        return "rerun the same command to test"
+    if last.exists():
+        return f"nothing new to save ({last} is as it was); continue with the same command and --resume auto"
+    return "nothing was trained yet; rerun the same command (with --resume auto, as for any requeued run)"
 
 
 def interrupt_hint(config: RunConfig, args: argparse.Namespace) -> str:

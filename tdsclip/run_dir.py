@@ -38,7 +38,11 @@ class RunDirLock:
     def acquire(self) -> None:
         self._created = not self.directory.exists()
         make_directory(self.directory)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunDirError(f"output_dir {self.directory}: cannot create its lock file ({error.strerror or error}); "
+                              "set output_dir=... to a directory you may write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -66,7 +70,11 @@ def make_directory(directory: Path) -> None:
     for parent in (directory, *directory.parents):
         if parent.exists() and not parent.is_dir():
             raise RunDirError(f"output_dir {directory}: {parent} is a file, not a directory; set output_dir=...")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # read-only file system, no permission, ...
+        raise RunDirError(f"output_dir {directory} cannot be created: {error.strerror or error}; "
+                          "set output_dir=... to a directory you may write") from None
 
 
 def remove_leftovers(directory: str | Path) -> list[str]:

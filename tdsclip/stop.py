@@ -1,9 +1,11 @@
-"""Stopping a training run cleanly on a signal: SIGTERM (SLURM, Kubernetes before a kill), SIGUSR1 (SLURM's
+"""Stopping a run cleanly on a signal: SIGTERM (SLURM, Kubernetes before a kill), SIGUSR1 (SLURM's
 `--signal` ahead of the time limit) and Ctrl-C (SIGINT).
 
-The handler only records the signal. The trainer asks `requested()` at each step boundary; all ranks
-agree (one tiny all-reduce), so every rank stops after the same step and writes one last.pt together.
-A second Ctrl-C does not wait for the step: it raises KeyboardInterrupt at once.
+While a run starts (loaders, model, compile) or tests, a signal stops it at once: there is nothing new
+to save. Once training runs (`defer()`), the handler only records the signal; the trainer asks
+`requested()` at each step boundary, all ranks agree (one tiny all-reduce), so every rank stops after
+the same step and writes one last.pt together. A second Ctrl-C does not wait for the step: it raises
+KeyboardInterrupt at once.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequested(Exception):
-    """The run stopped on a signal after writing last.pt (or with last.pt already holding its state)."""
+    """The run stopped on a signal; `saved`: after writing last.pt (or with last.pt holding its state)."""
 
-    def __init__(self, signal_name: str, where: str):
+    def __init__(self, signal_name: str, where: str, *, saved: bool = True):
         super().__init__(f"stopped by {signal_name} {where}")
-        self.signal_name = signal_name
+        self.signal_name, self.saved = signal_name, saved
 
     @property
     def exit_status(self) -> int:
@@ -35,6 +37,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: int = 0
+        self.deferred = False  # True while training: stop at the next step boundary
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopSignals":
@@ -42,12 +45,18 @@ class StopSignals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def defer(self) -> None:
+        """From now on, record signals for `requested()` instead of stopping at once."""
+        self.deferred = True
+
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        if not self.deferred:
+            raise StopRequested(signal.Signals(signum).name, "before training", saved=False)
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         self.received = self.received or signum

@@ -93,7 +93,13 @@ def test_flipped_bytes_in_a_checkpoint_are_caught(tmp_path):
     at = bytes(data).index(moment[:64])
     data[at:at + 256] = bytes(b ^ 0x5A for b in data[at:at + 256])
     (tmp_path / "last.pt").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"last\.pt is damaged: its content does not match the checksum.*best\.pt"):
+    os.unlink(tmp_path / "best.pt")  # a hard link to last.pt (the last epoch was the best): damaged alike
+    with pytest.raises(CheckpointError, match=r"last\.pt is damaged: its content does not match the checksum.*"
+                                              r"restore it from a copy, or start a new run"):
+        trainer.checkpointer.load_last()
+    write_checkpoint({"epoch": 0}, tmp_path / "best.pt")  # another file: the way out
+    with pytest.raises(CheckpointError, match=rf"to resume from best.pt instead: cp {tmp_path}/best.pt "
+                                              rf"{tmp_path}/last.pt, then rerun with --resume"):
         trainer.checkpointer.load_last()
 
 
@@ -140,6 +146,7 @@ def test_a_signal_stops_after_the_step_with_last_pt_and_the_resume_is_exact(tmp_
     full.fit()
     stopped = make_trainer(tmp_path / "run", epochs=2, loader=SignallingLoader(sig, epoch=1, at=0))
     stopped.stop = StopSignals().install()
+    stopped.stop.defer()  # training: stop at the next step boundary
     try:
         with pytest.raises(StopRequested) as stop:
             stopped.fit()
@@ -154,9 +161,13 @@ def test_a_signal_stops_after_the_step_with_last_pt_and_the_resume_is_exact(tmp_
     assert [h["loss"] for h in stopped.history + resumed.history] == [h["loss"] for h in full.history]
 
 
-def test_a_second_ctrl_c_stops_at_once():
+def test_a_signal_while_starting_stops_at_once_and_a_second_ctrl_c_while_training_too():
     signals = StopSignals().install()
     try:
+        with pytest.raises(StopRequested) as stop:  # nothing trained yet: nothing to wait for
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert not stop.value.saved and stop.value.exit_status == 143
+        signals.defer()
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.requested() == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
@@ -237,3 +248,37 @@ def test_sigterm_to_torchrun_stops_both_ranks_after_one_step_without_a_traceback
     assert "torchrun: stopped by SIGTERM" in err
     checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
     assert checkpoint["world_size"] == 2 and checkpoint["data"][0]["position"] == checkpoint["data"][1]["position"]
+
+
+def test_workers_end_with_a_killed_torchrun_and_save_last_pt(shards, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "tdsclip.torchrun", "--standalone", "--nproc_per_node=2", "launch.py",
+               "--cfg", DEMO, *overrides(shards, run_dir, "schedule.epochs=50")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    for line in process.stdout:
+        if line.startswith("epoch 2/50 step 1/"):
+            process.kill()  # kill -9 of torchrun alone: nothing forwards a signal to the workers
+            break
+    out, err = process.communicate(timeout=120)  # returns once the workers, which share its pipes, are gone too
+    assert "stopped by SIGTERM after step" in err and "last.pt is saved" in err
+    assert torch.load(run_dir / "last.pt", weights_only=False)["step"] >= 4
+    RunDirLock(run_dir).acquire()  # free: no worker holds the run directory any more
+
+
+def test_the_per_device_batch_may_change_on_resume_at_an_epoch_boundary_only(tmp_path):
+    from tdsclip.config import ConfigError, config_from_dict, config_to_dict
+
+    saved = config_to_dict(config_from_dict({}, ["data.max_device_batch_size=16"]))
+    smaller = config_to_dict(config_from_dict({}, ["data.max_device_batch_size=8"]))
+    checkpointer = Checkpointer(tmp_path)
+    boundary = {"config": saved, "batch_in_epoch": 0, "world_size": 1}
+    assert checkpointer.check_resume(boundary, smaller) == ["data.max_device_batch_size: 16 -> 8"]
+    with pytest.raises(ConfigError, match=r"data.max_device_batch_size: 16 -> 8 \(at an epoch boundary only\)"):
+        checkpointer.check_resume(dict(boundary, batch_in_epoch=3), smaller)
+
+
+def test_a_mistyped_resume_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        launch.parse_args(["--cfg", DEMO, "--resume", "atuo"])
+    assert "--resume takes no value or 'auto', got 'atuo'" in capsys.readouterr().err

@@ -282,3 +282,18 @@ def test_a_mistyped_resume_value_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         launch.parse_args(["--cfg", DEMO, "--resume", "atuo"])
     assert "--resume takes no value or 'auto', got 'atuo'" in capsys.readouterr().err
+
+
+def test_a_file_system_that_refuses_a_write_is_one_line(shards, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import errno
+
+    import tdsclip.run as run_module
+
+    def full(config, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(run_module, "save_config", full)
+    assert launch.main(["--cfg", DEMO, *overrides(shards, tmp_path / "run", "schedule.epochs=1")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot write {tmp_path}/run/config.yaml: No space left on device; free space or fix the "
+                   "permissions (or set output_dir=...)\n")

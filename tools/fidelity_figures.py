@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import tdsclip  # noqa: E402
-from tdsclip.optim import WarmupCosineSchedule, build_optimizer  # noqa: E402
+import tdsclip
+from tdsclip.optim import WarmupCosineSchedule, build_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]  # the test data it reads
 
 # Train videos: the official lists (lists/sthv1/train_rgb.txt: 86,017 lines; lists/sthv2: 168,913);
 # Kinetics-400 has no list in the official repo, 240,436 is a common download's count (copies vary).

@@ -61,8 +61,9 @@ def make_loader(config: RunConfig, split: str, batch_size: int) -> pipelines.Loa
     world = World(rank=0, world_size=1, local_rank=0, device=device)
     budget = run_cpu_budget(config, world)
     budget.apply()
-    print(budget.describe(), file=sys.stderr)
-    return build_loader(config, world, config.model.model_config(), split, batch_size)
+    loader = build_loader(config, world, config.model.model_config(), split, batch_size)
+    print(budget.describe(), file=sys.stderr)  # once the data is found: an error stays one line
+    return loader
 
 
 def first_clips(loader: pipelines.Loader, count: int) -> dict:

@@ -260,7 +260,6 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.cfg, args.override)
         budget = run_cpu_budget(config, World(rank=0, world_size=1, local_rank=0, device=device))
         budget.apply()
-        print(budget.describe(), file=sys.stderr)  # stdout holds the results
         model = load_test_model(config, args.weights).to(device)
         labels = read_labels(args.classes) if args.classes else None
         names = class_names(config, labels, args.classes, model.config.num_classes)
@@ -270,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    print(budget.describe(), file=sys.stderr)  # once the options are good; stdout holds the results
     if note := test_view_note(config):
         print(note, file=sys.stderr)
     usable, missing = input_sources(args.inputs, args.image_tmpl)

@@ -67,6 +67,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def reseed(seed: int, rank: int, step: int) -> None:
+    """Seed every generator the training step touches from (seed, rank, step): a resume on another process
+    layout draws new numbers rather than replaying those of the run's start."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def data_fingerprint(samples: list) -> str:
     """What identifies the training data for an exact resume: every sample's shard, key, label and frame
     count, in order (re-packed shards with the same number of videos read differently)."""
@@ -125,9 +134,11 @@ class Checkpointer:
             except ValueError as error:
                 raise CheckpointError(f"{error}: the training data differ from the checkpoint's; resume on the "
                                       "same shards, or start a new run") from None
-        else:
-            notes.append(f"world size changed ({checkpoint['world_size']} -> {world_size}); random streams "
-                         "restart from the seed")
+        else:  # another process layout: each rank's streams start afresh, from the seed and the step
+            step, seed = checkpoint["step"], config.get("seed", 0)
+            reseed(seed, rank, step)
+            notes.append(f"world size changed ({checkpoint['world_size']} -> {world_size}); random streams start "
+                         f"afresh from seed {seed} at step {step}")
         return notes
 
     # --- files ---------------------------------------------------------------------------------

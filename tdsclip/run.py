@@ -40,7 +40,8 @@ def run(config: RunConfig, args: argparse.Namespace) -> int:
     log = MetricsLogger(config.output_dir, rank=world.rank, tensorboard=config.logging.tensorboard,
                         progress=config.logging.progress)
     lock = RunDirLock(config.output_dir)
-    stop = StopSignals().install()  # a signal while starting stops at once; fit() defers it to a step boundary
+    # a signal while starting (or testing) stops at once; fit() defers it to a step boundary
+    stop = StopSignals("while testing" if args.test else "before training").install()
     try:
         apply_cpu_budget(config, world, log)
         if args.test:

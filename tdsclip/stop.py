@@ -35,7 +35,8 @@ class StopRequested(Exception):
 class StopSignals:
     """Records SIGTERM / SIGUSR1 / SIGINT while installed (main thread only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, before: str = "before training") -> None:
+        self.before = before  # where a signal that stops at once finds the run, for its message
         self.received: int = 0
         self.deferred = False  # True while training: stop at the next step boundary
         self._previous: dict[int, object] = {}
@@ -56,7 +57,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         if not self.deferred:
-            raise StopRequested(signal.Signals(signum).name, "before training", saved=False)
+            raise StopRequested(signal.Signals(signum).name, self.before, saved=False)
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         self.received = self.received or signum

@@ -297,3 +297,19 @@ def test_a_file_system_that_refuses_a_write_is_one_line(shards, tmp_path, monkey
     err = capsys.readouterr().err
     assert err == (f"error: cannot write {tmp_path}/run/config.yaml: No space left on device; free space or fix the "
                    "permissions (or set output_dir=...)\n")
+
+
+def test_a_resume_on_another_process_layout_draws_new_random_numbers(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.config = {"seed": 7}
+    trainer.fit()
+    checkpoint = trainer.checkpointer.load_last()
+    checkpoint["world_size"] = 2  # written by 2 processes, at an epoch boundary
+    torch.manual_seed(7)
+    at_start = torch.rand(3)
+    notes = trainer.restore(checkpoint)
+    assert notes == [f"world size changed (2 -> 1); random streams start afresh from seed 7 at step {checkpoint['step']}"]
+    after = torch.rand(3)
+    assert not torch.equal(after, at_start)  # not the run's first numbers again
+    trainer.restore(checkpoint)
+    assert torch.equal(torch.rand(3), after)  # but the same for the same step

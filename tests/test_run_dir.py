@@ -232,38 +232,36 @@ def test_the_same_global_batch_takes_the_same_steps_and_videos_on_any_layout():
     assert steps[1] == steps[2] == steps[4]
 
 
-def test_sigterm_to_torchrun_stops_both_ranks_after_one_step_without_a_traceback(shards, tmp_path):  # noqa: F811
-    run_dir = tmp_path / "ddp"
+def torchrun_in_training(shards: Path, run_dir: Path) -> subprocess.Popen:
+    """tdsclip.torchrun with 2 gloo workers training the tiny model, returned once both are in epoch 2."""
     command = [sys.executable, "-m", "tdsclip.torchrun", "--standalone", "--nproc_per_node=2", "launch.py",
                "--cfg", DEMO, *overrides(shards, run_dir, "schedule.epochs=50")]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     for line in process.stdout:
         if line.startswith("epoch 2/50 step 1/"):  # both ranks are in their loop
-            process.send_signal(signal.SIGTERM)  # as a scheduler signals the job step
-            break
+            return process
+    raise AssertionError(f"the run ended before training: {process.communicate()[1][-2000:]}")
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_after_one_step_without_a_traceback(shards, tmp_path):  # noqa: F811
+    process = torchrun_in_training(shards, tmp_path / "ddp")
+    process.send_signal(signal.SIGTERM)  # as a scheduler signals the job step
     out, err = process.communicate(timeout=180)
     assert process.returncode == 143, err[-2000:]
     assert "Traceback" not in err and err.count("last.pt is saved") == 1  # rank 0 says it once
     assert "torchrun: stopped by SIGTERM" in err
-    checkpoint = torch.load(run_dir / "last.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
     assert checkpoint["world_size"] == 2 and checkpoint["data"][0]["position"] == checkpoint["data"][1]["position"]
 
 
 def test_workers_end_with_a_killed_torchrun_and_save_last_pt(shards, tmp_path):  # noqa: F811
-    run_dir = tmp_path / "ddp"
-    command = [sys.executable, "-m", "tdsclip.torchrun", "--standalone", "--nproc_per_node=2", "launch.py",
-               "--cfg", DEMO, *overrides(shards, run_dir, "schedule.epochs=50")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    for line in process.stdout:
-        if line.startswith("epoch 2/50 step 1/"):
-            process.kill()  # kill -9 of torchrun alone: nothing forwards a signal to the workers
-            break
+    process = torchrun_in_training(shards, tmp_path / "ddp")
+    process.kill()  # kill -9 of torchrun alone: nothing forwards a signal to the workers
     out, err = process.communicate(timeout=120)  # returns once the workers, which share its pipes, are gone too
     assert "stopped by SIGTERM after step" in err and "last.pt is saved" in err
-    assert torch.load(run_dir / "last.pt", weights_only=False)["step"] >= 4
-    RunDirLock(run_dir).acquire()  # free: no worker holds the run directory any more
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["step"] >= 4
+    RunDirLock(tmp_path / "ddp").acquire()  # free: no worker holds the run directory any more
 
 
 def test_the_per_device_batch_may_change_on_resume_at_an_epoch_boundary_only(tmp_path):

@@ -25,12 +25,15 @@ def read_clips(source: ClipSource, decode_device: str, parallel: int, decoder_op
     nodes = fn.external_source(source=source, num_outputs=source.num_outputs, batch=True, batch_info=True,
                                **({"parallel": True, "prefetch_queue_depth": parallel + 1} if parallel else {}))
     outputs = dict(zip(source.output_names, nodes))  # by name: the source decides the order
+    # EXIF orientation is not applied, as the official loader's PIL does not, and the shard index holds the
+    # stored (unrotated) sizes that crop windows refer to.
+    jpeg_options = dict(device=decode_device, output_type=types.RGB, adjust_orientation=False, **decoder_options)
     if source.crop_decode:  # only the window the views read; their ROIs come relative to it
         images = fn.decoders.image_slice(outputs[ENCODED], outputs[WINDOW_ANCHOR], outputs[WINDOW_SHAPE],
                                          axis_names="WH", normalized_anchor=False, normalized_shape=False,
-                                         device=decode_device, output_type=types.RGB, **decoder_options)
+                                         **jpeg_options)
     elif source.mode == "frame":
-        images = fn.decoders.image(outputs[ENCODED], device=decode_device, output_type=types.RGB, **decoder_options)
+        images = fn.decoders.image(outputs[ENCODED], **jpeg_options)
     else:
         images = fn.decoders.video(outputs[ENCODED], frames=outputs[FRAME_INDICES],
                                    device=decode_device)  # (F, H, W, C) per clip

@@ -738,3 +738,31 @@ def test_crop_decode_gives_the_full_decodes_pixels(tmp_path, monkeypatch, mode, 
     levels = (cropped - full).abs() * torch.tensor(CLIP_STD).view(3, 1, 1) * 255
     assert levels.max() <= 1.01, levels.max()
     assert (levels > 0.5).float().mean() < 1e-3
+
+
+def test_exif_orientation_is_not_applied_as_the_official_pil_loader(tmp_path):
+    """Frame folders are copied as they are, EXIF tags included: a rotation tag must neither rotate the frames
+    (PIL, the official loader, ignores it) nor break the crop windows, which refer to the stored size."""
+    frames = [frame_image(j, 48, 64) for j in range(8)]  # not square: a rotation would change the size
+
+    def rotated_tag(image: np.ndarray) -> bytes:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95, exif=exif)
+        return buffer.getvalue()
+
+    for name, encode in (("plain", jpeg), ("tagged", rotated_tag)):
+        meta = {"key": "v000", "label": 0, "num_frames": len(frames), "fps": 25.0, "width": 64, "height": 48,
+                "source": "v000.mp4", "layout": "frames"}
+        (tmp_path / name).mkdir()
+        writer = ShardWriter(tmp_path / name, "train", 0)
+        writer.add(EncodedSample(meta=meta, frames=[encode(f) for f in frames]))
+        record = writer.close(build={})
+        manifest = Manifest(split="train", layout="frames", encoding={}, classes=[], num_samples=1, shards=[record],
+                            rejected=[], tool_version="test")
+        write_json_atomic(tmp_path / name / "train.manifest.json", manifest.to_json())
+    for mode in ("train", "test"):  # the crop decode (train) and the whole-frame decode (test views)
+        clips = [next(iter(loader_of(tmp_path / name, mode, 1, 2, split="train", image_size=16, resize=20,
+                                     num_threads=1, test_crops=3)))["clips"] for name in ("plain", "tagged")]
+        assert torch.equal(clips[0], clips[1]), mode

@@ -244,7 +244,7 @@ def check_bound_to_checkpoint(config: RunConfig, checkpoint: dict, path: Path) -
     if conflicts:
         listed = "; ".join(f"{key}: {old!r} in the weights' training config, {new!r} here" for key, old, new in conflicts)
         raise ConfigError(f"the weights {path} were trained for other inputs ({listed}): use the config they were "
-                          f"trained with (saved as config.yaml beside them), or drop those overrides")
+                          f"trained with (saved as config.yaml beside them), or set those keys to the weights' values")
 
 
 def check_official_sizes(mine: ModelConfig, theirs: ModelConfig, path: Path) -> None:

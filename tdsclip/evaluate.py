@@ -120,7 +120,8 @@ def test_record(result: dict, class_names: list[str], *, weights: str, crops: in
                       for i, name in enumerate(class_names)],
         "most_confused": pictures.most_confused(np.asarray(confusion), class_names),
         "videos": [{"key": p["key"], "label": p["label"], "label_name": class_names[p["label"]],
-                    "top5": [{"class": c, "name": class_names[c], "prob": prob} for c, prob in zip(p["top5"], p["top5_prob"])]}
+                    "top5": [{"class": c, "name": class_names[c], "probability": prob}
+                             for c, prob in zip(p["top5"], p["top5_prob"])]}
                    for p in result["predictions"]],
     }
 

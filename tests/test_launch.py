@@ -410,7 +410,7 @@ def test_multiview_test_on_official_checkpoint(five_class_shards, tmp_path, caps
     top = probs.topk(5)
     by_key = {v["key"]: v["top5"] for v in result["videos"]}
     assert [c["class"] for c in by_key[batch["key"][0]]] == top.indices.tolist()
-    assert [c["prob"] for c in by_key[batch["key"][0]]] == pytest.approx(top.values.tolist(), abs=1e-6)
+    assert [c["probability"] for c in by_key[batch["key"][0]]] == pytest.approx(top.values.tolist(), abs=1e-6)
 
 
 def test_test_and_predict_configs_are_bound_to_the_checkpoint(shards, five_class_shards, tmp_path, capsys):

@@ -208,11 +208,12 @@ def test_predict_takes_launch_overrides_and_draws_a_sheet(tmp_path, capsys, monk
     predictions = json.loads(result.read_text())["predictions"]
     assert [p["input"] for p in predictions] == [str(f) for f in folders]
     picture = np.asarray(Image.open(sheet))
-    frames_width = 2 * (16 + pictures.GAP) - pictures.GAP  # T=2 frames of the checkpoint's 16 px
-    row_height = pictures.CAPTION_HEIGHT + max(16, 3 * pictures.BAR_PITCH)
+    tile = 16 * pictures.auto_scale(16)  # T=2 frames of the checkpoint's 16 px, enlarged as show_clips does
+    frames_width = 2 * (tile + pictures.GAP) - pictures.GAP
+    row_height = pictures.CAPTION_HEIGHT + max(tile, 3 * pictures.BAR_PITCH)
     assert picture.shape[0] == 2 * row_height + pictures.SHEET_GAP
     for number, prediction in enumerate(predictions):
         top = number * (row_height + pictures.SHEET_GAP)
         check_bars(picture, top, frames_width, [t["probability"] for t in prediction["top"]])
-        tiles = picture[top + pictures.CAPTION_HEIGHT:top + pictures.CAPTION_HEIGHT + 16, :frames_width]
+        tiles = picture[top + pictures.CAPTION_HEIGHT:top + pictures.CAPTION_HEIGHT + tile, :frames_width]
         assert (tiles != 255).any()  # the input's frames are drawn

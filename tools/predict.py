@@ -233,6 +233,9 @@ def write_sheet(path: Path, results: list[dict], frames: dict) -> None:
         if images.shape[1] > SHEET_TILE:
             images = np.stack([np.asarray(Image.fromarray(i).resize((SHEET_TILE, SHEET_TILE), Image.BILINEAR))
                                for i in images])
+        else:  # small models' frames: enlarged by a whole factor, as show_clips does
+            scale = pictures.auto_scale(images.shape[1])
+            images = images.repeat(scale, axis=1).repeat(scale, axis=2)
         rows.append(pictures.predict_row(images, title=result["input"],
                                          top=[(t["name"], t["probability"]) for t in result["top"]]))
     atomic_write(path, lambda f: Image.fromarray(pictures.predict_sheet(rows)).save(f, format="PNG"))
@@ -297,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 indent=2))
     if args.sheet and results:
         write_sheet(args.sheet, results, frames)
+        print(f"sheet: {args.sheet}", file=sys.stderr)
     return 0 if results and not skipped else 1
 
 

@@ -19,6 +19,8 @@ class Part:
     count: int
 
     def __post_init__(self):
+        if self.count < 1:
+            raise ValueError(f"part {self.index}/{self.count}: the number of parts N must be at least 1")
         if not 0 <= self.index < self.count:
             raise ValueError(f"part {self.index}/{self.count}: the part number must be in 0..{self.count - 1}")
         if self.count > MAX_PARTS:

@@ -37,6 +37,7 @@ class Sample:
     ranges: np.ndarray  # (num_frames, 2) [offset, size] per frame (uint32, int64 past 4 GiB); video: (1, 2)
     source_height: int  # the source's size, whose official scaling the crop windows refer to
     source_width: int
+    source: str | None = None  # the input it was packed from (None in older indexes)
 
 
 def shard_paths(shards: str | os.PathLike | list, split: str) -> list[str]:
@@ -75,7 +76,8 @@ def read_samples(tars: list[str]) -> list[Sample]:
                                   num_frames=entry.num_frames, height=entry.height, width=entry.width,
                                   layout=entry.layout, ranges=ranges,
                                   source_height=entry.height if entry.source_height is None else entry.source_height,
-                                  source_width=entry.width if entry.source_width is None else entry.source_width))
+                                  source_width=entry.width if entry.source_width is None else entry.source_width,
+                                  source=entry.source))
     if not samples:
         raise ValueError(f"no samples in shards {tars[:3]}{'...' if len(tars) > 3 else ''}")
     layouts = {s.layout for s in samples}

@@ -91,6 +91,7 @@ class IndexEntry:
     frames: list[tuple[int, int]] | None = None
     source_width: int | None = None  # the decoded source's size; None (older shards): as stored
     source_height: int | None = None
+    source: str | None = None  # the input it was packed from, as the list names it; None in older indexes
 
     def to_json(self) -> dict[str, Any]:
         """The stored form; `tar` is kept once per index, not per entry."""
@@ -98,6 +99,8 @@ class IndexEntry:
                  "width": self.width, "height": self.height, "layout": self.layout}
         if self.source_width is not None:
             entry["source_width"], entry["source_height"] = self.source_width, self.source_height
+        if self.source is not None:
+            entry["source"] = self.source
         if self.layout == "video":
             entry["video"] = list(self.video)
         else:
@@ -215,6 +218,8 @@ def _entry(tar: Path, e: Any, at: str) -> IndexEntry:
         source = {key: _get(e, key, int, at) for key in ("source_width", "source_height")}
         if min(source.values()) < 1:
             raise ShardFormatError(f"{at}: source_width and source_height must be >= 1, got {source}")
+    if "source" in e:  # written since 2026-12-04
+        source["source"] = _get(e, "source", str, at)
     return IndexEntry(tar=tar, key=_get(e, "key", str, at), label=_get(e, "label", int, at), num_frames=num_frames,
                       fps=float(_get(e, "fps", (int, float), at)), width=_get(e, "width", int, at),
                       height=_get(e, "height", int, at), layout=layout, video=video, frames=frames, **source)

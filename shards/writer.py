@@ -71,7 +71,7 @@ class ShardWriter:
                                        num_frames=meta["num_frames"], fps=meta["fps"], width=meta["width"],
                                        height=meta["height"], layout=meta["layout"], video=video, frames=frames,
                                        source_width=meta.get("source_width"),
-                                       source_height=meta.get("source_height")))
+                                       source_height=meta.get("source_height"), source=meta.get("source")))
 
     def close(self, build: dict[str, Any]) -> ShardRecord:
         """Finish the tar, rename it into place, then write the index; returns the manifest record."""

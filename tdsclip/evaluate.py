@@ -108,9 +108,10 @@ def results_path(output_dir: str | Path, weights: str | Path, crops: int, clips:
 
 
 def test_record(result: dict, class_names: list[str], *, weights: str, crops: int, clips: int,
-                skipped: list[str]) -> dict:
+                skipped: list[str], sources: dict[str, str] | None = None) -> dict:
     """What a test keeps: the accuracies, per-class accuracy by name, the most confused pairs, and each
-    video's top-5 with class names and probabilities."""
+    video's source (the input it was packed from, by key in `sources`), top-5 class names and probabilities."""
+    sources = sources or {}
     confusion = result["confusion"]
     return {
         "weights": str(weights), "test_crops": crops, "test_clips": clips, "views": result["views"],
@@ -119,7 +120,8 @@ def test_record(result: dict, class_names: list[str], *, weights: str, crops: in
         "per_class": [{"class": i, "name": name, "videos": sum(confusion[i]), "top1": result["per_class_top1"][i]}
                       for i, name in enumerate(class_names)],
         "most_confused": pictures.most_confused(np.asarray(confusion), class_names),
-        "videos": [{"key": p["key"], "label": p["label"], "label_name": class_names[p["label"]],
+        "videos": [{"key": p["key"], "source": sources.get(p["key"]), "label": p["label"],
+                    "label_name": class_names[p["label"]],
                     "top5": [{"class": c, "name": class_names[c], "probability": prob}
                              for c, prob in zip(p["top5"], p["top5_prob"])]}
                    for p in result["predictions"]],

@@ -183,7 +183,9 @@ def test(config: RunConfig, args: argparse.Namespace, world: World, log: Metrics
     path = results_path(config.output_dir, args.weights, crops, clips)
     if world.is_main:
         save_config(config, Path(config.output_dir) / "test_config.yaml")
-        write_results(test_record(result, names, weights=args.weights, crops=crops, clips=clips, skipped=skipped), path)
+        sources = {sample.key: sample.source for sample in loader.samples if sample.source}
+        write_results(test_record(result, names, weights=args.weights, crops=crops, clips=clips, skipped=skipped,
+                                  sources=sources), path)
     log.log(0, {"test/top1": result["top1"], "test/top5": result["top5"], "test/mean_class_acc": result["mean_class_acc"]})
     log.evaluation("test", 0, result, names)
     log.info(f"test ({plural(crops, 'crop')} x {plural(clips, 'clip')}, {result['num_videos']} videos): "

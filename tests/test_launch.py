@@ -377,6 +377,8 @@ def test_predict_tool_scores_videos_as_the_test_mode_does(shards, five_class_sha
 
 
 def test_multiview_test_on_official_checkpoint(five_class_shards, tmp_path, capsys):
+    from shards.sources import read_list
+
     official = tdsclip.load_model(GOLDEN, num_segments=2)
     run_dir = tmp_path / "test"
     args = ["--cfg", str(ROOT / "configs/demo.yaml"), "--test", "--weights", str(GOLDEN), "--test-crops", "3",
@@ -391,6 +393,8 @@ def test_multiview_test_on_official_checkpoint(five_class_shards, tmp_path, caps
     assert result["num_videos"] == num_val and result["views"] == 6 and result["weights"] == str(GOLDEN)
     keys = [v["key"] for v in result["videos"]]
     assert len(set(keys)) == len(keys) == num_val  # every video once
+    listed = {s.path for s in read_list(five_class_shards.parent / "videos" / "val.txt")}
+    assert {v["source"] for v in result["videos"]} == listed  # each named by the input it was packed from
     hits = [v["top5"][0]["class"] == v["label"] for v in result["videos"]]
     assert result["top1"] == pytest.approx(100 * sum(hits) / len(hits))
     assert all(v["label_name"] == f"class {v['label']}" and v["top5"][0]["name"] == f"class {v['top5'][0]['class']}"

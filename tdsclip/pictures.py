@@ -37,6 +37,7 @@ BAR_PITCH = 16  # px from one bar to the next
 BAR_HEIGHT = 10
 NAME_WIDTH = 170  # px of the class name and percentage right of a bar
 MIN_TILE = 96  # px: batch_sheet enlarges smaller frames to at least this, by a whole factor
+ANIMATION_WIDTH = 320  # px: an animation frame's least width, room for its caption
 
 
 # ---------------------------------------------------------------- clips
@@ -97,14 +98,16 @@ def clip_strip(clip: torch.Tensor, *, caption: str = "", window_segment: int | N
 
 def clip_animation(clip: torch.Tensor, *, caption: str = "", scale: int = 1) -> list[np.ndarray]:
     """The clip's T x M frames in time order (segment by segment), each under a caption bar
-    'segment.frame caption', e.g. for an animated GIF."""
+    'segment.frame caption', e.g. for an animated GIF; at least ANIMATION_WIDTH px wide, so that class
+    names and the flip note fit beside small frames."""
     frames = denormalize(clip)  # (T, M, S, S, 3)
     tile = frames.shape[2] * scale
+    width = max(tile, ANIMATION_WIDTH)
     pictures = []
     for t in range(frames.shape[0]):
         for m in range(frames.shape[1]):
-            picture = np.full((CAPTION_HEIGHT + tile, tile, 3), BACKGROUND, np.uint8)
-            picture[CAPTION_HEIGHT:] = _enlarge(frames[t, m], scale)
+            picture = np.full((CAPTION_HEIGHT + tile, width, 3), BACKGROUND, np.uint8)
+            picture[CAPTION_HEIGHT:, :tile] = _enlarge(frames[t, m], scale)
             pictures.append(_with_caption(picture, f"{t + 1}.{m + 1} {caption}"))
     return pictures
 

@@ -173,7 +173,8 @@ def test_show_clips_writes_a_sheet_and_gifs(shards, tmp_path, capsys):
     written = sorted(gifs.iterdir())
     assert [p.name for p in written] == ["00_v000.gif", "01_v001.gif", "02_v002.gif"]  # val: in order
     with Image.open(written[1]) as gif:
-        assert gif.n_frames == 2 * 5 and gif.size == (tile, pictures.CAPTION_HEIGHT + tile)
+        assert gif.n_frames == 2 * 5 and gif.size == (max(tile, pictures.ANIMATION_WIDTH),
+                                                      pictures.CAPTION_HEIGHT + tile)
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -98,6 +98,7 @@ def accuracy_report(confusion: torch.Tensor, correct5: torch.Tensor) -> dict[str
         "mean_class_acc": per_class[seen].mean().item() if seen.any() else 0.0,
         "num_videos": int(count.sum().item()),
         "per_class_top1": [None if v != v else v for v in per_class.tolist()],  # None: no video of that class
+        "per_class_videos": count.long().tolist(),
         "confusion": confusion.long().tolist(),
     }
 
@@ -112,14 +113,14 @@ def test_record(result: dict, class_names: list[str], *, weights: str, crops: in
     """What a test keeps: the accuracies, per-class accuracy by name, the most confused pairs, and each
     video's source (the input it was packed from, by key in `sources`), top-5 class names and probabilities."""
     sources = sources or {}
-    confusion = result["confusion"]
     return {
         "weights": str(weights), "test_crops": crops, "test_clips": clips, "views": result["views"],
         "num_videos": result["num_videos"], "top1": result["top1"], "top5": result["top5"],
         "mean_class_acc": result["mean_class_acc"], "skipped": skipped,
-        "per_class": [{"class": i, "name": name, "videos": sum(confusion[i]), "top1": result["per_class_top1"][i]}
+        "per_class": [{"class": i, "name": name, "videos": result["per_class_videos"][i],
+                       "top1": result["per_class_top1"][i]}
                       for i, name in enumerate(class_names)],
-        "most_confused": pictures.most_confused(np.asarray(confusion), class_names),
+        "most_confused": pictures.most_confused(np.asarray(result["confusion"]), class_names),
         "videos": [{"key": p["key"], "source": sources.get(p["key"]), "label": p["label"],
                     "label_name": class_names[p["label"]],
                     "top5": [{"class": c, "name": class_names[c], "probability": prob}

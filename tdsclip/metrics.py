@@ -103,8 +103,8 @@ class MetricsLogger:
         self.sink.image(f"{split}/confusion", step, pictures.confusion_image(matrix, names))
         pairs = pictures.most_confused(matrix, names)
         self.sink.text(f"{split}/most_confused", step, "\n".join(f"- {pair}" for pair in pairs) or "none")
-        rows = [f"| {name} | {int(sum(row))} | {'-' if acc is None else f'{acc:.1f}'} |"
-                for name, row, acc in zip(names, result["confusion"], result["per_class_top1"])]
+        rows = [f"| {name} | {videos} | {'-' if acc is None else f'{acc:.1f}'} |"
+                for name, videos, acc in zip(names, result["per_class_videos"], result["per_class_top1"])]
         self.sink.text(f"{split}/per_class_top1", step, "| class | videos | top-1 % |\n|---|---|---|\n" + "\n".join(rows))
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ dataformats="HWC")` and `PIL.Image.fromarray` saves.
   segments' centre frames in a row, one segment's window of M consecutive frames below, a caption);
   `batch_sheet` draws the first clips of a loader batch with their class names; `contact_sheet`
   tiles pictures; `clip_animation` gives a clip's frames in time order (for a GIF).
-- Results: `confusion_matrix`, `per_class_accuracy`, `most_confused`, `confusion_image`.
+- Results: `confusion_matrix`, `most_confused`, `confusion_image` (accuracies: tdsclip/evaluate.py).
 - Predictions: `predict_row` (an input's frames next to its top classes as bars), `predict_sheet`.
 """
 
@@ -209,13 +209,6 @@ def confusion_matrix(labels: Sequence[int] | np.ndarray | torch.Tensor, predicti
             raise ValueError(f"a {name} is outside the {num_classes} classes")
     counts = np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
-
-
-def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
-    """(C,) float: the share of each class's videos predicted right; NaN for a class with none."""
-    totals = matrix.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(totals > 0, np.diag(matrix) / totals, np.nan)
 
 
 def most_confused(matrix: np.ndarray, class_names: Sequence[str] | None = None, k: int = 10) -> list[str]:

@@ -18,6 +18,7 @@ from test_pipelines import indexed_videos, write_shards
 
 from pipelines.augment import CLIP_MEAN, CLIP_STD
 from tdsclip import pictures
+from tdsclip.evaluate import accuracy_report
 from tools import predict, show_clips
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +108,10 @@ def test_confusion_matrix_counts_and_image_shades():
     for true, pred in zip(labels, preds):
         expected[true, pred] += 1
     assert np.array_equal(matrix, expected)
-    accuracy = pictures.per_class_accuracy(matrix)
-    assert np.allclose(accuracy[:4], [np.mean(preds[labels == c] == c) for c in range(4)]) and np.isnan(accuracy[4])
+    report = accuracy_report(torch.from_numpy(matrix).double(), torch.zeros(5, dtype=torch.float64))
+    accuracy = report["per_class_top1"]  # the per-class accuracy the run reports, from this matrix
+    assert np.allclose(accuracy[:4], [100 * np.mean(preds[labels == c] == c) for c in range(4)]) and accuracy[4] is None
+    assert report["per_class_videos"] == expected.sum(1).tolist()
     errors = expected * (1 - np.eye(5, dtype=int))
     true, pred = np.unravel_index(errors.argmax(), errors.shape)
     assert pictures.most_confused(matrix, list("abcde"), k=3)[0] == (
